@@ -1,0 +1,138 @@
+"""The one contract between make_records, the pipeline, tfds and the tests.
+
+Everything that both writes and reads the records is defined here once: the
+feature keys, the image storage kinds, the output layout and the manifest.
+
+Layout under a records root (``records/`` by default)::
+
+  <root>/utkface/<VERSION>/utkface-<split>.tfrecord-00000-of-000NN
+  <root>/utkface/<VERSION>/dataset_info.json, features.json   (tfds metadata)
+  <root>/utkface/<VERSION>/manifest.json                       (written last)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+from typing import Any
+
+DATASET_NAME = 'utkface'
+VERSION = '1.0.0'
+SPLITS = ('train', 'validation', 'test')
+MANIFEST_NAME = 'manifest.json'
+MANIFEST_FORMAT = 1
+DEFAULT_IMAGE_SIZE = 128
+
+# Record keys. Flat, so tfds reads the same records with a FeaturesDict.
+IMAGE = 'image'
+AGE = 'age'
+GENDER = 'gender'
+RACE = 'race'
+FILE_NAME = 'file_name'
+INT_KEYS = (AGE, GENDER, RACE)
+
+# Image storage kinds.
+JPEG = 'jpeg'  # JPEG bytes: the source's unchanged (size None) or re-encoded at `size`.
+RAW = 'raw'    # uint8 pixels, size x size x 3, row-major.
+STORAGE_FORMATS = (JPEG, RAW)
+
+
+class RecordsError(Exception):
+  """Records that are missing, incomplete or not in this contract's format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageStorage:
+  """How the `image` feature holds its pixels."""
+  format: str = JPEG
+  size: int | None = None          # None: the source's bytes, unchanged.
+  jpeg_quality: int | None = None  # Only for JPEG re-encoded at `size`.
+
+  def __post_init__(self):
+    if self.format not in STORAGE_FORMATS:
+      raise ValueError(f'unknown image storage {self.format!r}; '
+                       f'expected one of {", ".join(STORAGE_FORMATS)}')
+    if self.format == RAW and not self.size:
+      raise ValueError('raw storage needs an image size')
+    if self.size is not None and self.size <= 0:
+      raise ValueError(f'image size must be positive, got {self.size}')
+
+  @property
+  def is_source_bytes(self) -> bool:
+    return self.format == JPEG and self.size is None
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, value: dict[str, Any]) -> 'ImageStorage':
+    return cls(format=value['format'], size=value.get('size'),
+               jpeg_quality=value.get('jpeg_quality'))
+
+
+def feature_spec() -> dict[str, Any]:
+  """The tf.io parsing spec of one record."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  spec = {IMAGE: tf.io.FixedLenFeature([], tf.string),
+          FILE_NAME: tf.io.FixedLenFeature([], tf.string)}
+  spec.update({key: tf.io.FixedLenFeature([], tf.int64) for key in INT_KEYS})
+  return spec
+
+
+def dataset_dir(records_root: str) -> str:
+  """The folder holding one converted data set under a records root."""
+  return posixpath.join(str(records_root), DATASET_NAME, VERSION)
+
+
+def filename_template() -> str:
+  """tfds's file name template, so tfds.builder_from_directory finds the shards."""
+  return '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  return f'{DATASET_NAME}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}'
+
+
+def resolve_dataset_dir(records_dir: str) -> str:
+  """Accepts either a records root or the data set folder itself."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  records_dir = str(records_dir)
+  if tf.io.gfile.exists(posixpath.join(records_dir, MANIFEST_NAME)):
+    return records_dir
+  return dataset_dir(records_dir)
+
+
+def read_manifest(records_dir: str) -> dict[str, Any]:
+  """Reads the manifest of the records under `records_dir` (root or data set folder)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  directory = resolve_dataset_dir(records_dir)
+  path = posixpath.join(directory, MANIFEST_NAME)
+  if not tf.io.gfile.exists(path):
+    raise RecordsError(
+        f'no records at {records_dir}: {path} is missing. '
+        'Run `python -m agegender.make_records` first (or point --records_dir '
+        'at its output).')
+  try:
+    with tf.io.gfile.GFile(path, 'r') as f:
+      manifest = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RecordsError(f'{path} is not valid JSON: {e}') from None
+  if manifest.get('manifest_format') != MANIFEST_FORMAT:
+    raise RecordsError(f'{path} has manifest_format '
+                       f'{manifest.get("manifest_format")!r}, expected {MANIFEST_FORMAT}')
+  manifest['directory'] = directory
+  return manifest
+
+
+def split_shards(manifest: dict[str, Any], split: str) -> list[str]:
+  """Full paths of a split's shards, in order, as the manifest lists them."""
+  if split not in manifest['splits']:
+    raise RecordsError(f'unknown split {split!r}; the records have '
+                       f'{", ".join(manifest["splits"])}')
+  shards = manifest['splits'][split]['shards']
+  return [posixpath.join(manifest['directory'], shard['file']) for shard in shards]
+
+
+def image_storage(manifest: dict[str, Any]) -> ImageStorage:
+  return ImageStorage.from_json(manifest['image_storage'])
