@@ -8,6 +8,18 @@ Layout under a records root (``records/`` by default)::
   <root>/utkface/<VERSION>/utkface-<split>.tfrecord-00000-of-000NN
   <root>/utkface/<VERSION>/dataset_info.json, features.json   (tfds metadata)
   <root>/utkface/<VERSION>/manifest.json                       (written last)
+
+manifest.json, the part every reader relies on (make_records adds more)::
+
+  {"manifest_format": 1, "dataset": "utkface", "version": "1.0.0",
+   "image_storage": {"format": "jpeg" | "raw", "size": null | 128, "jpeg_quality": null | 95},
+   "splits": {"train": {"num_examples": 800,
+                        "shards": [{"file": "utkface-train.tfrecord-00000-of-00002",
+                                    "num_examples": 400}, ...]},
+              "validation": {...}, "test": {...}}}
+
+Readers list shards from the manifest, never by globbing, so a half-written
+shard (under a temporary name) is never read.
 """
 
 from __future__ import annotations
@@ -69,6 +81,21 @@ class ImageStorage:
   def from_json(cls, value: dict[str, Any]) -> 'ImageStorage':
     return cls(format=value['format'], size=value.get('size'),
                jpeg_quality=value.get('jpeg_quality'))
+
+
+def serialize_example(image: bytes, age: int, gender: int, race: int,
+                      file_name: str) -> bytes:
+  """One record, serialized deterministically (same inputs, same bytes)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  feature = {
+      IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+      FILE_NAME: tf.train.Feature(
+          bytes_list=tf.train.BytesList(value=[file_name.encode('utf-8')])),
+  }
+  for key, value in ((AGE, age), (GENDER, gender), (RACE, race)):
+    feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+  example = tf.train.Example(features=tf.train.Features(feature=feature))
+  return example.SerializeToString(deterministic=True)
 
 
 def feature_spec() -> dict[str, Any]:
