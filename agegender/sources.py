@@ -90,7 +90,8 @@ def open_path(path: str, spec: str | None = None) -> Source:
 
 def _ignored(name: str) -> bool:
   parts = name.split('/')
-  return any(part.startswith('.') or part in _IGNORED_PARTS for part in parts if part)
+  return any(part in _IGNORED_PARTS or part.startswith('.') and part not in ('.', '..')
+             for part in parts)
 
 
 def _synthetic_source(count: int, seed: int) -> Source:

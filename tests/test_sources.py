@@ -1,0 +1,153 @@
+"""sources: every source kind as a (name, bytes) stream, and their errors."""
+
+import io
+import os
+import tarfile
+import zipfile
+
+import pytest
+import requests
+
+from agegender import cli, sources, synthetic
+
+
+@pytest.fixture(scope='module')
+def faces():
+  return dict(synthetic.generate_synthetic(4, seed=7, image_size=48))
+
+
+def _write_folder(root, files):
+  for name, data in files.items():
+    path = os.path.join(root, *name.split('/'))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(data)
+
+
+def _nested(faces):
+  """Kaggle's layout: the same images in several folders, plus litter to ignore."""
+  files = {}
+  for name, data in faces.items():
+    files[f'UTKFace/{name}'] = data
+    files[f'utkface_aligned_cropped/UTKFace/{name}'] = data
+  first = sorted(faces)[0]
+  files[f'crop_part1/{first}'] = faces[first]
+  files['.DS_Store'] = b'litter'
+  files['__MACOSX/UTKFace/._x.jpg'] = b'litter'
+  return files
+
+
+def _kept(files):
+  return {name: data for name, data in files.items() if not sources._ignored(name)}
+
+
+def test_folder_is_searched_recursively(tmp_path, faces):
+  files = _nested(faces)
+  _write_folder(tmp_path, files)
+  source = sources.open_source(str(tmp_path))
+  assert source.kind == 'folder' and source.total == len(_kept(files))
+  assert dict(source) == _kept(files)
+  assert [name for name, _ in source] == sorted(_kept(files))
+
+
+@pytest.mark.parametrize('suffix, mode', [('.tar', 'w'), ('.tar.gz', 'w:gz'), ('.tgz', 'w:gz')])
+def test_tar_archives_are_streamed(tmp_path, faces, suffix, mode):
+  files = _nested(faces)
+  path = tmp_path / f'utkface{suffix}'
+  with tarfile.open(path, mode) as archive:
+    for name, data in files.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      archive.addfile(info, io.BytesIO(data))
+  source = sources.open_source(str(path))
+  assert source.kind == 'tar'
+  assert dict(source) == _kept(files)
+  assert os.listdir(tmp_path) == [path.name]  # Nothing extracted.
+
+
+def test_zip_archive_is_streamed(tmp_path, faces):
+  files = _nested(faces)
+  path = tmp_path / 'archive.zip'
+  with zipfile.ZipFile(path, 'w') as archive:
+    for name, data in files.items():
+      archive.writestr(name, data)
+  source = sources.open_source(str(path))
+  assert source.kind == 'zip' and source.total == len(_kept(files))
+  assert dict(source) == _kept(files)
+
+
+def test_member_names_are_never_used_as_paths(tmp_path, faces):
+  name, data = next(iter(faces.items()))
+  path = tmp_path / 'hostile.tar.gz'
+  with tarfile.open(path, 'w:gz') as archive:
+    for hostile in (f'../../{name}', f'/abs/{name}'):
+      info = tarfile.TarInfo(hostile)
+      info.size = len(data)
+      archive.addfile(info, io.BytesIO(data))
+  assert [n for n, _ in sources.open_source(str(path))] == [f'../../{name}', f'/abs/{name}']
+  assert sorted(os.listdir(tmp_path)) == ['hostile.tar.gz']
+  assert not os.path.exists(tmp_path.parent.parent / name)
+
+
+def test_synthetic_source():
+  source = sources.open_source('synthetic', synthetic_count=3, seed=4)
+  assert source.kind == 'synthetic' and source.total == 3
+  assert list(source) == list(synthetic.generate_synthetic(3, seed=4))
+
+
+@pytest.mark.parametrize('make, reason', [
+    (lambda tmp: str(tmp / 'missing'), 'does not exist'),
+    (lambda tmp: (tmp / 'faces.rar').write_bytes(b'x') and str(tmp / 'faces.rar'),
+     'not a folder or a supported archive'),
+    (lambda tmp: (tmp / 'bad.zip').write_bytes(b'not a zip') and str(tmp / 'bad.zip'),
+     'cannot read the archive'),
+])
+def test_bad_paths_are_usage_errors(tmp_path, make, reason):
+  with pytest.raises(cli.UsageError, match=reason):
+    list(sources.open_source(make(tmp_path)))
+
+
+def test_truncated_tar_gz_is_a_usage_error(tmp_path, faces):
+  path = tmp_path / 'cut.tar.gz'
+  with tarfile.open(path, 'w:gz') as archive:
+    for name, data in faces.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      archive.addfile(info, io.BytesIO(data))
+  path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+  with pytest.raises(cli.UsageError, match='cannot read the archive'):
+    list(sources.open_source(str(path)))
+
+
+def test_kaggle_offline_names_the_other_sources(monkeypatch):
+  import kagglehub
+
+  def offline(handle):
+    raise requests.exceptions.ConnectionError(
+        "HTTPSConnectionPool(host='api.kaggle.com', port=443): Max retries\nexceeded")
+  monkeypatch.setattr(kagglehub, 'dataset_download', offline)
+  with pytest.raises(cli.UsageError) as raised:
+    sources.open_source('kaggle')
+  message = str(raised.value)
+  assert '\n' not in message
+  assert 'ConnectionError' in message
+  assert '--source=PATH' in message and '--source=synthetic' in message
+
+
+def test_kaggle_reads_the_downloaded_folder(monkeypatch, tmp_path, faces):
+  import kagglehub
+  _write_folder(tmp_path, _nested(faces))
+  handles = []
+  monkeypatch.setattr(kagglehub, 'dataset_download',
+                      lambda handle: handles.append(handle) or str(tmp_path))
+  source = sources.open_source('kaggle')
+  assert handles == ['jangedoo/utkface-new']
+  assert source.kind == 'kaggle' and source.location == str(tmp_path)
+  assert dict(source) == _kept(_nested(faces))
+
+
+def test_normalize_spec_keeps_keywords_and_absolutizes_paths():
+  assert sources.normalize_spec('kaggle') == 'kaggle'
+  assert sources.normalize_spec('synthetic') == 'synthetic'
+  assert sources.normalize_spec('gs://bucket/faces') == 'gs://bucket/faces'
+  assert sources.normalize_spec('faces') == os.path.abspath('faces')
