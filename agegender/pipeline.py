@@ -1,0 +1,308 @@
+"""The streaming input pipeline: sharded TFRecords to batches for Keras `fit`.
+
+For one split, in this order::
+
+  shards from the manifest -> (training: shuffle shard order each epoch)
+  -> read shards in parallel (interleave), each checked against its record count
+  -> (cache) -> (training: bounded record shuffle) -> batch
+  -> parse the batch -> decode / resize / normalize (-> augment) -> prefetch
+
+Nothing holds the data set in memory: peak memory is bounded by the shuffle
+buffer and the prefetched batches, whatever the size of the split. Every stage
+runs with AUTOTUNE parallelism.
+
+Preprocessing is one function, `preprocess_encoded_image` (encoded bytes to a
+normalized float32 image), with its tail `normalize_image` (pixels to a
+resized, normalized float32 image). Training, evaluation, export and predict
+all call them, so serving never drifts from training.
+
+Several GPUs or hosts: build the dataset per input pipeline and let the
+strategy place batches on the devices, which also prefetches them to the GPU::
+
+  dataset = distribute_dataset(
+      lambda ctx: make_dataset(records_dir, 'train', batch_size=GLOBAL_BATCH,
+                               training=True, input_context=ctx),
+      strategy)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from absl import logging
+import tensorflow as tf
+
+from agegender import contract
+
+AUTOTUNE = tf.data.AUTOTUNE
+GENDER_OUTPUT = 'gender_output'
+AGE_OUTPUT = 'age_output'
+
+# Shards read at once in training; more mixes better, each costs a read buffer.
+MAX_PARALLEL_SHARDS = 16
+# Decodes in flight within one batch.
+DECODE_PARALLELISM = 16
+# Read-ahead per open shard.
+READ_BUFFER_BYTES = 256 * 1024
+
+
+# ---------------------------------------------------------------------------
+# Preprocessing: the one path from pixels or bytes to the model's input.
+
+def normalize_image(image: Any, image_size: int = contract.DEFAULT_IMAGE_SIZE) -> tf.Tensor:
+  """Pixels to the model's input: float32 [..., S, S, 3] in [0, 1].
+
+  `image` is one image [H, W, C] or a batch [B, H, W, C] of uint8 (0..255) or
+  any real dtype on the same 0..255 scale, with 1 (gray), 3 or 4 (alpha
+  dropped) channels. It is resized with bilinear interpolation unless it
+  already has the target size.
+  """
+  image = tf.convert_to_tensor(image)
+  image = _to_rgb(image)
+  image = tf.cast(image, tf.float32)
+  target = (image_size, image_size)
+  static_size = tuple(image.shape[-3:-1])
+  if static_size != target:
+    dynamic_size = tf.shape(image)[-3:-1]
+    is_target = tf.reduce_all(tf.equal(dynamic_size, target))
+    image = tf.cond(is_target, lambda: image, lambda: tf.image.resize(image, target))
+    image = tf.ensure_shape(image, image.shape[:-3].concatenate([image_size, image_size, 3]))
+  return tf.clip_by_value(image / 255.0, 0.0, 1.0)
+
+
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+  channels = image.shape[-1]
+  if channels == 1:
+    return tf.image.grayscale_to_rgb(image)
+  if channels == 4:
+    return image[..., :3]
+  if channels != 3:
+    raise ValueError(f'expected 1, 3 or 4 channels, got shape {image.shape}')
+  return image
+
+
+def preprocess_encoded_image(encoded: Any,
+                             image_size: int = contract.DEFAULT_IMAGE_SIZE) -> tf.Tensor:
+  """Encoded bytes (JPEG, PNG, BMP or GIF; any size; gray or color) to
+  float32 [S, S, 3] in [0, 1]."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  return normalize_image(image, image_size)
+
+
+def preprocess_encoded_batch(encoded: Any,
+                             image_size: int = contract.DEFAULT_IMAGE_SIZE) -> tf.Tensor:
+  """A batch of encoded images [B] to float32 [B, S, S, 3], each through
+  `preprocess_encoded_image` (sizes may differ within the batch)."""
+  return tf.map_fn(
+      lambda one: preprocess_encoded_image(one, image_size), encoded,
+      fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+      parallel_iterations=DECODE_PARALLELISM)
+
+
+def augment_image(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """A training-time variation of one normalized image [S, S, 3]: horizontal
+  flip, small brightness and contrast changes and a small random shift (a
+  crop of the reflect-padded image). Stateless: the same seed [2] gives the
+  same result, in any thread."""
+  flip_seed, brightness_seed, contrast_seed, crop_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
+  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  image = tf.image.stateless_random_brightness(image, 0.1, brightness_seed)
+  image = tf.image.stateless_random_contrast(image, 0.9, 1.1, contrast_seed)
+  pad = max(1, image.shape[0] // 16)
+  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode='REFLECT')
+  image = tf.image.stateless_random_crop(padded, tf.shape(image), crop_seed)
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def _augment_batch(images: tf.Tensor, element_seeds: tf.Tensor, seed: int) -> tf.Tensor:
+  seeds = tf.stack([element_seeds, tf.fill(tf.shape(element_seeds), tf.cast(seed, tf.int64))],
+                   axis=1)
+  return tf.map_fn(lambda args: augment_image(*args), (images, seeds),
+                   fn_output_signature=tf.TensorSpec(images.shape[1:], tf.float32),
+                   parallel_iterations=DECODE_PARALLELISM)
+
+
+# ---------------------------------------------------------------------------
+# Reading shards, each checked against the record count the manifest lists.
+
+def _log_lost_records(path: tf.Tensor, read: tf.Tensor, expected: tf.Tensor) -> tf.Tensor:
+  lost = int(expected) - int(read)
+  logging.warning('skip_corrupt: skipped %d of the %d records of shard %s '
+                  '(corrupt or truncated after record %d)',
+                  lost, int(expected), path.numpy().decode('utf-8'), int(read))
+  return tf.constant(lost, tf.int64)
+
+
+def _check_count(path, read, expected, skip_corrupt: bool) -> tf.Tensor:
+  """At a shard's end: error (or log, with skip_corrupt) if records were lost."""
+  complete = tf.equal(read, expected)
+  if skip_corrupt:
+    return tf.cond(
+        complete, lambda: tf.constant(0, tf.int64),
+        lambda: tf.py_function(_log_lost_records, [path, read, expected], tf.int64))
+  message = tf.strings.format(
+      'corrupt or truncated shard {}: read {} of the {} records its manifest lists '
+      '(skip_corrupt=True skips the rest of a damaged shard)',
+      [path, read, expected])
+  with tf.control_dependencies([tf.debugging.Assert(complete, [message])]):
+    return tf.constant(0, tf.int64)
+
+
+def _read_shard(path: tf.Tensor, expected: tf.Tensor, skip_corrupt: bool) -> tf.data.Dataset:
+  """The records of one shard. A corrupt record ends the shard's reading
+  (TFRecord framing cannot be trusted past it); the count the manifest lists
+  then tells a damaged shard from a whole one, and names it."""
+  records = tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES).ignore_errors()
+  records = records.map(lambda record: (record, False))
+  end = tf.data.Dataset.from_tensors((tf.constant(b''), True))
+
+  def count(read, element):
+    record, is_end = element
+    checked = tf.cond(is_end, lambda: _check_count(path, read, expected, skip_corrupt),
+                      lambda: tf.constant(0, tf.int64))
+    with tf.control_dependencies([checked]):
+      return read + 1, (tf.identity(record), is_end)
+
+  counted = records.concatenate(end).scan(tf.constant(0, tf.int64), count)
+  return counted.filter(lambda record, is_end: tf.logical_not(is_end)).map(
+      lambda record, is_end: record)
+
+
+def _split_shards(records_dir: str, split: str, input_context) -> tuple[list[str], list[int]]:
+  manifest = contract.read_manifest(records_dir)
+  paths = contract.split_shards(manifest, split)
+  counts = [int(shard['num_examples']) for shard in manifest['splits'][split]['shards']]
+  missing = [path for path in paths if not tf.io.gfile.exists(path)]
+  if missing:
+    raise contract.RecordsError(
+        f'{len(missing)} shard(s) of split {split!r} listed in the manifest are missing, '
+        f'e.g. {missing[0]}; rerun make_records')
+  if input_context is not None:
+    workers = input_context.num_input_pipelines
+    if len(paths) < workers:
+      raise contract.RecordsError(
+          f'split {split!r} has {len(paths)} shard(s) for {workers} input pipelines; '
+          f'each worker reads whole shards: rerun make_records with --num_shards of at '
+          f'least {workers}')
+    index = input_context.input_pipeline_id
+    paths, counts = paths[index::workers], counts[index::workers]
+  return paths, counts
+
+
+# ---------------------------------------------------------------------------
+# The dataset.
+
+def _decode_batch(serialized: tf.Tensor, storage: contract.ImageStorage,
+                  image_size: int) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+  features = tf.io.parse_example(serialized, contract.feature_spec())
+  encoded = features.pop(contract.IMAGE)
+  if storage.format == contract.RAW:
+    pixels = tf.io.decode_raw(encoded, tf.uint8)
+    pixels = tf.reshape(pixels, [-1, storage.size, storage.size, 3])
+    images = normalize_image(pixels, image_size)
+  else:
+    images = preprocess_encoded_batch(encoded, image_size)
+  return images, features
+
+
+def _to_model_inputs(images, features, include_metadata: bool):
+  targets = {GENDER_OUTPUT: tf.cast(features[contract.GENDER], tf.float32)[:, None],
+             AGE_OUTPUT: tf.cast(features[contract.AGE], tf.float32)[:, None]}
+  if include_metadata:
+    return images, targets, features
+  return images, targets
+
+
+def make_dataset(records_dir: str,
+                 split: str,
+                 *,
+                 batch_size: int = 128,
+                 training: bool = False,
+                 image_size: int = contract.DEFAULT_IMAGE_SIZE,
+                 shuffle_buffer: int = 10_000,
+                 augment: bool = False,
+                 deterministic: bool = False,
+                 seed: int = 0,
+                 cache: bool = False,
+                 skip_corrupt: bool = False,
+                 input_context: tf.distribute.InputContext | None = None,
+                 drop_remainder: bool = False,
+                 include_metadata: bool = False) -> tf.data.Dataset:
+  """The batches of one split of the records under `records_dir`.
+
+  Yields `(images, targets)`: images float32 [B, S, S, 3] in [0, 1], targets
+  `{'gender_output': float32 [B, 1], 'age_output': float32 [B, 1]}` (age in
+  years). With `include_metadata`, a third element `{'age', 'gender', 'race':
+  int64 [B], 'file_name': string [B]}`.
+
+  training: shuffle the shard order every epoch and the records through a
+    buffer of `shuffle_buffer`; augment only if `augment`. One pass over the
+    dataset is one epoch (no repeat). Outside training the order is the
+    manifest's on every run.
+  deterministic: the same order and augmentation on every run, from `seed`.
+    Off by default, which lets parallel stages hand out whatever is ready.
+  cache: keep the split's serialized records in memory after the first
+    epoch (about its size on disk); decoding still runs every epoch.
+  skip_corrupt: a corrupt or truncated shard is read up to its damage and the
+    records lost are logged; by default it is an error naming the shard.
+  input_context: this input pipeline reads shards i, i+n, ... of the split,
+    and `batch_size` is the global batch, divided among the replicas.
+  """
+  manifest = contract.read_manifest(records_dir)
+  storage = contract.image_storage(manifest)
+  paths, counts = _split_shards(records_dir, split, input_context)
+  if input_context is not None:
+    batch_size = input_context.get_per_replica_batch_size(batch_size)
+  shuffle_seed = seed if deterministic else None
+
+  shards = tf.data.Dataset.from_tensor_slices((paths, tf.constant(counts, tf.int64)))
+  if training:
+    shards = shards.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+  records = shards.interleave(
+      lambda path, expected: _read_shard(path, expected, skip_corrupt),
+      cycle_length=min(len(paths), MAX_PARALLEL_SHARDS), block_length=1,
+      num_parallel_calls=AUTOTUNE)
+  if cache:
+    records = records.cache()
+  if training:
+    records = records.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
+
+  augmenting = training and augment
+  if augmenting:
+    element_seeds = tf.data.Dataset.random(seed=shuffle_seed, rerandomize_each_iteration=True)
+    records = tf.data.Dataset.zip(records, element_seeds)
+  batches = records.batch(batch_size, drop_remainder=drop_remainder)
+
+  def preprocess(serialized, element_seeds=None):
+    images, features = _decode_batch(serialized, storage, image_size)
+    if augmenting:
+      images = _augment_batch(images, element_seeds, seed)
+    return _to_model_inputs(images, features, include_metadata)
+
+  batches = batches.map(preprocess, num_parallel_calls=AUTOTUNE)
+  batches = batches.prefetch(AUTOTUNE)
+
+  options = tf.data.Options()
+  options.deterministic = deterministic or not training
+  if input_context is not None:
+    # Already sharded by file above.
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.OFF)
+  return batches.with_options(options)
+
+
+def distribute_dataset(dataset_or_fn: tf.data.Dataset | Callable[[tf.distribute.InputContext],
+                                                                  tf.data.Dataset],
+                       strategy: tf.distribute.Strategy):
+  """Spreads batches over `strategy`'s replicas and prefetches each replica's
+  next batches into its device's memory (GPU memory where there is a GPU; on
+  the CPU the batches are unchanged).
+
+  Pass a function of a `tf.distribute.InputContext` (calling `make_dataset`
+  with `input_context=`) to have each worker read its own shards.
+  """
+  options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
+  if callable(dataset_or_fn) and not isinstance(dataset_or_fn, tf.data.Dataset):
+    return strategy.distribute_datasets_from_function(dataset_or_fn, options)
+  return strategy.experimental_distribute_dataset(dataset_or_fn, options)
