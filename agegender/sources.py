@@ -94,6 +94,12 @@ def _ignored(name: str) -> bool:
              for part in parts)
 
 
+def _member_name(name: str) -> str:
+  while name.startswith('./'):  # tar's usual prefix; not part of the name.
+    name = name[2:]
+  return name
+
+
 def _synthetic_source(count: int, seed: int) -> Source:
   from agegender import synthetic  # pylint: disable=g-import-not-at-top
   if count <= 0:
@@ -174,8 +180,9 @@ def _tar_source(path: str, spec: str) -> Source:
       # Stream mode ('r|*'): one pass, members read as they come.
       with tarfile.open(path, mode='r|*') as archive:
         for member in archive:
-          if member.isfile() and not _ignored(member.name):
-            yield member.name, archive.extractfile(member).read()
+          name = _member_name(member.name)
+          if member.isfile() and not _ignored(name):
+            yield name, archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as e:
       raise cli.UsageError(f'cannot read the archive {spec!r}: {_first_line(e)}') from None
   return Source(spec=spec, kind='tar', location=path, total=None, _entries=entries)
@@ -197,7 +204,7 @@ def _zip_source(path: str, spec: str) -> Source:
     try:
       with zipfile.ZipFile(path) as archive:
         for info in members:
-          yield info.filename, archive.read(info)
+          yield _member_name(info.filename), archive.read(info)
     except (zipfile.BadZipFile, OSError) as e:
       raise cli.UsageError(f'cannot read the archive {spec!r}: {_first_line(e)}') from None
   return Source(spec=spec, kind='zip', location=path, total=len(members), _entries=entries)
