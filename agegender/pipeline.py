@@ -67,7 +67,9 @@ def normalize_image(image: Any, image_size: int = contract.DEFAULT_IMAGE_SIZE) -
     is_target = tf.reduce_all(tf.equal(dynamic_size, target))
     image = tf.cond(is_target, lambda: image, lambda: tf.image.resize(image, target))
     image = tf.ensure_shape(image, image.shape[:-3].concatenate([image_size, image_size, 3]))
-  return tf.clip_by_value(image / 255.0, 0.0, 1.0)
+  # A product, not a division: graph optimizers may turn x / 255 into
+  # x * (1 / 255), and eager, graph and tf.data results must agree bit for bit.
+  return tf.clip_by_value(image * (1.0 / 255.0), 0.0, 1.0)
 
 
 def _to_rgb(image: tf.Tensor) -> tf.Tensor:
@@ -141,10 +143,10 @@ def _check_count(path, read, expected, skip_corrupt: bool) -> tf.Tensor:
     return tf.cond(
         complete, lambda: tf.constant(0, tf.int64),
         lambda: tf.py_function(_log_lost_records, [path, read, expected], tf.int64))
-  message = tf.strings.format(
-      'corrupt or truncated shard {}: read {} of the {} records its manifest lists '
-      '(skip_corrupt=True skips the rest of a damaged shard)',
-      [path, read, expected])
+  message = tf.strings.join([
+      'corrupt or truncated shard ', path, ': read ', tf.strings.as_string(read),
+      ' of the ', tf.strings.as_string(expected), ' records its manifest lists '
+      '(skip_corrupt=True skips the rest of a damaged shard)'])
   with tf.control_dependencies([tf.debugging.Assert(complete, [message])]):
     return tf.constant(0, tf.int64)
 
