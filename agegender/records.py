@@ -17,8 +17,7 @@ pool, or a cluster engine) writes the same bytes.
 
 `convert` runs it in two passes with bounded memory:
 
-1. stream the source through a pool of threads (decoding, hashing and
-   encoding release the GIL) and spill each converted record into a local
+1. stream the source through a pool of threads and spill each converted record into a local
    bucket file keyed by (split, first hash byte);
 2. with the totals known, choose each split's shard count (--shard_size_mb or
    --num_shards), then read the buckets in hash order, drop duplicates and
@@ -38,6 +37,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import posixpath
@@ -189,21 +189,32 @@ def convert_image(name: str, data: bytes, options: ConvertOptions) -> Converted 
                    example=example, name=name, labels=labels)
 
 
+def _convert_chunk(chunk: list[tuple[str, bytes]],
+                   options: ConvertOptions) -> list[Converted | Rejected]:
+  return [convert_image(name, data, options) for name, data in chunk]
+
+
 def convert_stream(entries: Iterable[tuple[str, bytes]], options: ConvertOptions,
-                   workers: int) -> Iterator[Converted | Rejected]:
-  """convert_image over a stream on `workers` threads, at most a few images in flight."""
+                   workers: int, chunk_size: int = 16) -> Iterator[Converted | Rejected]:
+  """convert_image over a stream on `workers` threads, in source order.
+
+  Decoding, hashing and encoding release the GIL, so threads use every core
+  without starting processes (which would each import TensorFlow). Images go
+  in chunks, and only a few chunks are in flight: memory stays bounded.
+  """
+  entries = iter(entries)
   if workers <= 1:
     for name, data in entries:
       yield convert_image(name, data, options)
     return
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     pending = collections.deque()
-    for name, data in entries:
-      pending.append(pool.submit(convert_image, name, data, options))
-      if len(pending) >= 4 * workers:
-        yield pending.popleft().result()
+    while chunk := list(itertools.islice(entries, chunk_size)):
+      pending.append(pool.submit(_convert_chunk, chunk, options))
+      if len(pending) >= 2 * workers:
+        yield from pending.popleft().result()
     while pending:
-      yield pending.popleft().result()
+      yield from pending.popleft().result()
 
 
 # Pass 1: spill converted records into local bucket files.
