@@ -47,6 +47,8 @@ def convert_rate(folder: str, count: int, **kwargs) -> float:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--count', type=int, default=3000)
+  parser.add_argument('--repeats', type=int, default=2,
+                      help='runs of each measurement; the best is reported')
   parser.add_argument('--json', help='also write the results here')
   args = parser.parse_args()
   cores = os.cpu_count() or 1
@@ -55,26 +57,29 @@ def main() -> None:
     paths = [os.path.join(folder, name) for name in sorted(os.listdir(folder))]
     # Imports and first-use costs (TensorFlow, tfds) are not the conversion's rate.
     convert_rate(folder, args.count, num_shards=1)
+    best = lambda measure: max(measure() for _ in range(args.repeats))
     with concurrent.futures.ThreadPoolExecutor(cores) as pool:
-      decode_threads = decode_rate(paths, pool)
+      decode_threads = best(lambda: decode_rate(paths, pool))
     context = multiprocessing.get_context('spawn')
     with concurrent.futures.ProcessPoolExecutor(cores, mp_context=context) as pool:
-      decode_processes = decode_rate(paths, pool)
+      decode_processes = best(lambda: decode_rate(paths, pool))
     decode_best = max(decode_threads, decode_processes)
     rows = [('decode only, threads', decode_threads),
             ('decode only, processes', decode_processes)]
     for label, kwargs in (('convert, source jpeg', {}),
                           ('convert, jpeg@128', {'image_size': 128}),
                           ('convert, raw@128', {'image_format': 'raw', 'image_size': 128})):
-      rows.append((label, convert_rate(folder, args.count, workers=cores, **kwargs)))
+      rows.append((label, best(lambda: convert_rate(folder, args.count, workers=cores,
+                                                    **kwargs))))
 
-  print(f'{args.count} synthetic 200x200 JPEGs, {cores} cores, {platform.processor() or platform.machine()}')
+  print(f'{args.count} synthetic 200x200 JPEGs, {cores} cores ({platform.machine()}), '
+        f'best of {args.repeats}')
   print(f'{"":26s} {"images/s":>9s} {"ratio":>6s}')
   for label, rate in rows:
     print(f'{label:26s} {rate:9.0f} {rate / decode_best:6.2f}')
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({'count': args.count, 'cores': cores,
+      json.dump({'count': args.count, 'cores': cores, 'repeats': args.repeats,
                  'rates': {label: round(rate, 1) for label, rate in rows},
                  'ratio_to_decode_only': {label: round(rate / decode_best, 3)
                                           for label, rate in rows}}, f, indent=2)
