@@ -31,7 +31,7 @@ for step in steps:
   xml = subprocess.run([sys.executable, '-m', step, '--helpxml'], check=True,
                        capture_output=True, text=True).stdout
   own[step] = {f.findtext('name') for f in ET.fromstring(xml).iter('flag')
-               if (f.findtext('file') or '').startswith('agegender')}
+               if '/agegender/' in (f.findtext('file') or '').replace('\\', '/')}
 for arg in sys.argv[1:]:
   name = arg.lstrip('-').split('=', 1)[0]
   bare = name[2:] if name.startswith('no') else name
