@@ -57,13 +57,15 @@ def dtype_policy(mixed_precision: bool):
     keras.config.set_dtype_policy(previous)
 
 
-def _heads(features, dense_units: int, dropout: float) -> dict:
+def _heads(features, dense_units: int, dropout: float, initial_age: float) -> dict:
   x = keras.layers.Dense(dense_units, activation='relu', kernel_initializer='he_uniform',
                          name='dense')(features)
   x = keras.layers.Dropout(dropout, name='dropout')(x)
   # float32 heads: the sigmoid and the age scale (0..120) stay exact under mixed precision.
   gender = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name=GENDER_OUTPUT)(x)
-  age = keras.layers.Dense(1, activation='relu', dtype='float32', name=AGE_OUTPUT)(x)
+  # Starting from a typical age, Adam's small steps need not first climb to the scale of years.
+  age = keras.layers.Dense(1, activation='relu', dtype='float32', name=AGE_OUTPUT,
+                           bias_initializer=keras.initializers.Constant(initial_age))(x)
   return {GENDER_OUTPUT: gender, AGE_OUTPUT: age}
 
 
@@ -75,15 +77,10 @@ def _conv_blocks(x, filters: Sequence[int]):
   return x
 
 
-def _seed_cnn(inputs, filters, dense_units, dropout):
+def _conv_net(inputs, filters, dense_units, dropout, initial_age):
+  # Flatten keeps where things are (a face's size is a cue to its age); global pooling would not.
   features = keras.layers.Flatten(name='flatten')(_conv_blocks(inputs, filters))
-  return _heads(features, dense_units, dropout)
-
-
-def _tiny(inputs, filters, dense_units, dropout):
-  # Global pooling instead of Flatten keeps it small at any image size.
-  features = keras.layers.GlobalAveragePooling2D(name='pool')(_conv_blocks(inputs, filters))
-  return _heads(features, dense_units, dropout)
+  return _heads(features, dense_units, dropout, initial_age)
 
 
 def _backbone_input(name: str, inputs):
@@ -93,7 +90,7 @@ def _backbone_input(name: str, inputs):
   return keras.layers.Rescaling(255.0, name='to_0_255')(inputs)
 
 
-def _backbone(name, inputs, weights, dense_units, dropout):
+def _backbone(name, inputs, weights, dense_units, dropout, initial_age):
   application = getattr(keras.applications, BACKBONES[name])
   try:
     base = application(include_top=False, weights=None if weights == 'none' else weights,
@@ -106,7 +103,7 @@ def _backbone(name, inputs, weights, dense_units, dropout):
                          f'{str(e).splitlines()[0] if str(e) else type(e).__name__}; '
                          'check the network or train with --weights=none') from None
   features = base(_backbone_input(name, inputs))
-  return _heads(features, dense_units, dropout)
+  return _heads(features, dense_units, dropout, initial_age)
 
 
 def default_filters(name: str) -> tuple[int, ...]:
@@ -117,11 +114,19 @@ def default_dense_units(name: str) -> int:
   return 32 if name == TINY else SEED_DENSE_UNITS
 
 
+def default_dropout(name: str) -> float:
+  return 0.0 if name == TINY else SEED_DROPOUT
+
+
 def build_model(name: str = SEED_CNN, *, image_size: int = contract.DEFAULT_IMAGE_SIZE,
                 filters: Sequence[int] | None = None, dense_units: int | None = None,
-                dropout: float = SEED_DROPOUT, weights: str = 'none',
+                dropout: float | None = None, weights: str = 'none', initial_age: float = 0.0,
                 mixed_precision: bool = False) -> keras.Model:
-  """An uncompiled dual-output model; None for filters or dense_units means the model's default."""
+  """An uncompiled dual-output model.
+
+  None for filters, dense_units or dropout means the model's default.
+  initial_age: the age head's starting bias (training passes the training split's mean age).
+  """
   if name not in MODELS:
     raise cli.UsageError(f'unknown model {name!r}; expected one of {", ".join(MODELS)}')
   if weights not in WEIGHTS:
@@ -131,6 +136,7 @@ def build_model(name: str = SEED_CNN, *, image_size: int = contract.DEFAULT_IMAG
                          f'({", ".join(BACKBONES)}), not {name}')
   if image_size < 32:
     raise cli.UsageError(f'image size must be at least 32, got {image_size}')
+  dropout = default_dropout(name) if dropout is None else dropout
   if not 0.0 <= dropout < 1.0:
     raise cli.UsageError(f'dropout must be in [0, 1), got {dropout}')
   filters = tuple(filters) if filters else default_filters(name)
@@ -139,12 +145,10 @@ def build_model(name: str = SEED_CNN, *, image_size: int = contract.DEFAULT_IMAG
     raise cli.UsageError('filters and dense units must be positive')
   with dtype_policy(mixed_precision):
     inputs = keras.Input((image_size, image_size, 3), name='image')
-    if name == SEED_CNN:
-      outputs = _seed_cnn(inputs, filters, dense_units, dropout)
-    elif name == TINY:
-      outputs = _tiny(inputs, filters, dense_units, dropout)
+    if name in (SEED_CNN, TINY):
+      outputs = _conv_net(inputs, filters, dense_units, dropout, initial_age)
     else:
-      outputs = _backbone(name, inputs, weights, dense_units, dropout)
+      outputs = _backbone(name, inputs, weights, dense_units, dropout, initial_age)
     return keras.Model(inputs, outputs, name=name)
 
 

@@ -1,0 +1,116 @@
+"""The serving SavedModel: encoded image bytes in, age and gender probability out.
+
+The signature `serving_default` takes a batch of JPEG or PNG bytes of any size
+(`image_bytes`, tf.string [None]) and runs the pipeline's own
+`preprocess_encoded_image` before the model, so serving cannot drift from
+training. It returns `age` (float32 [None], years), `gender_probability`
+(float32 [None], the probability of female, UTKFace's gender 1) and `gender`
+(tf.string [None], 'male' or 'female').
+
+  python -m agegender.export --model_dir=runs/seed_cnn   # rewrites runs/seed_cnn/export
+  saved_model_cli show --dir runs/seed_cnn/export --tag_set serve --signature_def serving_default
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from absl import flags
+import keras
+import tensorflow as tf
+
+from agegender import cli
+from agegender import labels as labels_lib
+from agegender import model as model_lib  # Registers the custom layers for safe loading.
+from agegender import pipeline
+
+MODEL_FILE = 'model.keras'
+EXPORT_DIR = 'export'
+SIGNATURE = 'serving_default'
+INPUT_NAME = 'image_bytes'
+
+
+def keras_model_path(model_dir_or_file: str) -> str:
+  path = str(model_dir_or_file)
+  return os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
+
+
+def load_keras_model(model_dir_or_file: str) -> keras.Model:
+  """Loads a run's model.keras (or a .keras file) with Keras's safe mode: no code from the file runs."""
+  path = keras_model_path(model_dir_or_file)
+  if not os.path.isfile(path):
+    raise cli.UsageError(f'no model at {path}; train one with `python -m agegender.train`')
+  return keras.models.load_model(path, compile=False, safe_mode=True)
+
+
+def image_size_of(model: keras.Model) -> int:
+  return int(model.input_shape[1])
+
+
+def serving_function(model: keras.Model):
+  """Encoded bytes [None] -> {'age', 'gender_probability', 'gender'}, each [None]."""
+  image_size = image_size_of(model)
+  genders = tf.constant(labels_lib.GENDERS)
+
+  def serve(image_bytes):
+    # Each image through pipeline.preprocess_encoded_image, the training preprocessing.
+    images = pipeline.preprocess_encoded_batch(image_bytes, image_size=image_size)
+    outputs = model(images, training=False)
+    probability = tf.reshape(tf.cast(outputs[model_lib.GENDER_OUTPUT], tf.float32), [-1])
+    age = tf.reshape(tf.cast(outputs[model_lib.AGE_OUTPUT], tf.float32), [-1])
+    gender = tf.gather(genders, tf.cast(probability >= 0.5, tf.int32))
+    return {'age': age, 'gender_probability': probability, 'gender': gender}
+
+  return serve
+
+
+def export_saved_model(model: keras.Model, export_dir: str) -> str:
+  """Writes the serving SavedModel to export_dir (replacing what was there); returns export_dir."""
+  archive = keras.export.ExportArchive()
+  archive.track(model)
+  archive.add_endpoint(SIGNATURE, serving_function(model),
+                       input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
+  # Written beside the target and moved into place, so a reader never sees half an export.
+  partial = f'{export_dir.rstrip(os.sep)}.partial'
+  shutil.rmtree(partial, ignore_errors=True)
+  archive.write_out(partial, verbose=False)
+  shutil.rmtree(export_dir, ignore_errors=True)
+  os.replace(partial, export_dir)
+  return export_dir
+
+
+def load_serving_function(export_dir: str):
+  """The `serving_default` signature of an export (a SavedModel: graphs only, no Python code)."""
+  return tf.saved_model.load(export_dir).signatures[SIGNATURE]
+
+
+# ---- The command line. ----
+
+def define_flags():
+  """Defined only when run as a program: train imports this module."""
+  flags.DEFINE_string('model_dir', None, 'The training run whose model.keras to export.')
+  flags.DEFINE_string('export_dir', None, 'Where to write the SavedModel (default: MODEL_DIR/export).')
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS.model_dir:
+    raise cli.UsageError('--model_dir is required')
+  model = load_keras_model(FLAGS.model_dir)
+  export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, EXPORT_DIR)
+  print(f'exported {export_saved_model(model, export_dir)}')
+  return 0
+
+
+def console_main():
+  define_flags()
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  console_main()

@@ -1,0 +1,42 @@
+"""Shared fixtures: synthetic records converted once, and one short training run on them."""
+
+import pytest
+
+from agegender import records
+
+# Small images and a small set keep the whole suite fast on a 2-core CPU.
+IMAGE_SIZE = 64
+SYNTHETIC_COUNT = 1200
+
+
+@pytest.fixture(scope='session')
+def synthetic_records(tmp_path_factory):
+  """A records root holding SYNTHETIC_COUNT synthetic faces stored as IMAGE_SIZE JPEGs."""
+  root = tmp_path_factory.mktemp('records')
+  records.convert('synthetic', str(root), image_size=IMAGE_SIZE, num_shards=2,
+                  synthetic_count=SYNTHETIC_COUNT, seed=0, progress=False)
+  return str(root)
+
+
+def _tiny_config(records_dir, model_dir, **overrides):
+  """A TrainConfig for the tiny model that learns the synthetic set in a few epochs."""
+  from agegender import train  # pylint: disable=g-import-not-at-top
+  values = dict(records_dir=str(records_dir), model_dir=str(model_dir), model='tiny',
+                image_size=IMAGE_SIZE, epochs=6, batch_size=32, learning_rate=1e-3,
+                age_loss='mae', shuffle_buffer=1000, verbose=0)
+  values.update(overrides)
+  return train.TrainConfig(**values)
+
+
+@pytest.fixture(scope='session')
+def tiny_config():
+  """tiny_config(records_dir, model_dir, **overrides) -> TrainConfig of a short tiny-model run."""
+  return _tiny_config
+
+
+@pytest.fixture(scope='session')
+def trained_run(synthetic_records, tmp_path_factory):
+  """train_and_evaluate's result for the tiny model on the synthetic records (trained once)."""
+  from agegender import train  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path_factory.mktemp('runs') / 'tiny'
+  return train.train_and_evaluate(_tiny_config(synthetic_records, model_dir))

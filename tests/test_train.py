@@ -1,0 +1,198 @@
+"""Training: the run's outputs, learning, resume after kill -9, flags and bad input."""
+
+import csv
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl import flags
+import pytest
+
+from agegender import cli
+from agegender import train
+
+OUTPUTS = ('model.keras', 'history.csv', 'metrics.json', 'metrics.txt', 'learning_curves.png',
+           'predicted_age.png', 'config.json', 'export/saved_model.pb')
+
+
+def _epochs_in_history(model_dir):
+  with open(os.path.join(model_dir, 'history.csv'), newline='') as f:
+    return [int(row['epoch']) for row in csv.DictReader(f)]
+
+
+def test_a_run_writes_every_output_into_model_dir(trained_run):
+  model_dir = trained_run['model_dir']
+  for name in OUTPUTS:
+    assert os.path.isfile(os.path.join(model_dir, name)), name
+  assert _epochs_in_history(model_dir) == list(range(6))
+  with open(os.path.join(model_dir, 'metrics.json')) as f:
+    assert json.load(f) == trained_run['metrics']
+
+
+@pytest.mark.skipif(importlib.util.find_spec('tensorboard') is None,
+                    reason='TensorBoard is not installed')
+def test_a_run_writes_tensorboard_logs(trained_run):
+  logs = os.path.join(trained_run['model_dir'], 'logs')
+  events = [name for _, _, names in os.walk(logs) for name in names if 'tfevents' in name]
+  assert events
+
+
+def test_the_tiny_model_learns_the_synthetic_faces(trained_run):
+  metrics = trained_run['metrics']
+  baselines = metrics['baselines']
+  assert metrics['gender_accuracy'] >= max(0.85, baselines['majority_gender_accuracy'] + 0.25)
+  assert metrics['age_mae'] <= 0.5 * baselines['mean_age_mae']
+
+
+def test_the_saved_model_is_the_best_by_validation_age_mae(trained_run):
+  from agegender import evaluate, export  # pylint: disable=g-import-not-at-top
+  rows = trained_run['history']
+  best = min(row['val_age_output_mae'] for row in rows)
+  model = export.load_keras_model(trained_run['model_dir'])
+  metrics = evaluate.evaluate_model(model, json.load(open(os.path.join(
+      trained_run['model_dir'], 'config.json')))['records_dir'], split='validation')
+  assert metrics['age_mae'] == pytest.approx(best, rel=1e-3)
+
+
+def _saved_epoch(model_dir):
+  path = os.path.join(model_dir, 'backup', 'training_metadata.json')
+  try:
+    with open(path) as f:
+      return json.load(f)['epoch']
+  except (OSError, ValueError):
+    return 0
+
+
+class _EpochsSeen:
+  """A callback that records the epochs fit runs."""
+
+  def __init__(self):
+    import keras  # pylint: disable=g-import-not-at-top
+    self.epochs = []
+    outer = self
+
+    class Callback(keras.callbacks.Callback):
+      def on_epoch_begin(self, epoch, logs=None):
+        outer.epochs.append(epoch)
+
+    self.callback = Callback()
+
+
+def test_a_run_killed_with_sigkill_resumes_without_repeating_epochs(
+    synthetic_records, tiny_config, tmp_path):
+  model_dir = tmp_path / 'killed'
+  config = tiny_config(synthetic_records, model_dir, epochs=4, tensorboard=False, export=False)
+  command = [sys.executable, '-m', 'agegender.train', f'--records_dir={synthetic_records}',
+             f'--model_dir={model_dir}', '--model=tiny', f'--image_size={config.image_size}',
+             '--epochs=4', '--batch_size=32', '--learning_rate=1e-3', '--age_loss=mae',
+             '--shuffle_buffer=1000', '--verbose=0', '--notensorboard', '--noexport']
+  process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    while _saved_epoch(model_dir) < 1 and process.poll() is None:
+      time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+  finally:
+    _, stderr = process.communicate(timeout=60)
+  assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+  saved = _saved_epoch(model_dir)
+  assert 1 <= saved < 4, 'the run should be killed before its last epoch'
+
+  seen = _EpochsSeen()
+  result = train.train_and_evaluate(config, extra_callbacks=[seen.callback])
+  assert seen.epochs == list(range(saved, 4))
+  assert result['epochs_trained'] == 4 - saved
+  assert _epochs_in_history(model_dir) == [0, 1, 2, 3]
+
+
+def test_a_finished_run_started_again_trains_no_more(trained_run, tiny_config):
+  config = json.load(open(os.path.join(trained_run['model_dir'], 'config.json')))
+  result = train.train_and_evaluate(train.TrainConfig(**{
+      **config, 'filters': None, 'tensorboard': False, 'export': False}))
+  assert result['epochs_trained'] == 0
+  assert _epochs_in_history(trained_run['model_dir']) == list(range(6))
+
+
+# ---- Flags. ----
+
+@pytest.fixture
+def fresh_flags():
+  flags.FLAGS.unparse_flags()
+  yield flags.FLAGS
+  flags.FLAGS.unparse_flags()
+
+
+def test_every_config_field_is_a_flag_of_the_train_module():
+  own = {flag.name for flag in flags.FLAGS.get_flags_for_module(train)}
+  fields = {field for field in train.TrainConfig.__dataclass_fields__}
+  assert fields <= own
+
+
+def test_flags_become_one_config(fresh_flags):
+  fresh_flags(['train', '--model=tiny', '--filters=4,8', '--epochs=3', '--mixed_precision'])
+  config = train.config_from_flags()
+  assert config.model == 'tiny'
+  assert config.filters == (4, 8)
+  assert config.epochs == 3
+  assert config.mixed_precision
+  assert config.batch_size == 128
+  assert config.records_dir == 'records'
+  assert config.model_dir == os.path.join('runs', 'tiny')
+
+
+def test_filters_that_are_not_integers_are_a_usage_error(fresh_flags):
+  fresh_flags(['train', '--filters=4,eight'])
+  with pytest.raises(cli.UsageError, match='--filters'):
+    train.config_from_flags()
+
+
+def test_auto_strategy_on_one_device_is_the_default_strategy():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if len(tf.config.list_logical_devices('GPU')) > 1:
+    pytest.skip('several GPUs: auto is MirroredStrategy')
+  assert train.make_strategy('auto') is tf.distribute.get_strategy()
+  one = train.make_strategy('one_device')
+  assert isinstance(one, tf.distribute.OneDeviceStrategy)
+  assert one.num_replicas_in_sync == 1
+
+
+def _empty_records(tmp_path, synthetic_records):
+  from agegender import contract  # pylint: disable=g-import-not-at-top
+  manifest = contract.read_manifest(synthetic_records)
+  manifest.pop('directory')
+  manifest['splits']['train'] = {'num_examples': 0, 'shards': []}
+  directory = tmp_path / 'empty'
+  directory.mkdir()
+  (directory / contract.MANIFEST_NAME).write_text(json.dumps(manifest))
+  return directory
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--epochs=0'], '--epochs must be positive'),
+    (['--epochs=-2'], '--epochs must be positive'),
+    (['--batch_size=0'], '--batch_size must be positive'),
+    (['--model=vgg16'], 'flag --model=vgg16'),
+    (['--records_dir={tmp}/nowhere'], 'no records at'),
+    (['--records_dir={empty}'], 'no train examples'),
+    (['--model=mobilenet_v3_small', '--weights=imagenet'], 'cannot load imagenet weights'),
+])
+def test_bad_flags_give_one_line_and_exit_2(args, message, fresh_flags, monkeypatch, capsys,
+                                             tmp_path, synthetic_records):
+  def no_network(*args, **kwargs):
+    raise Exception('URL fetch failure on https://storage.googleapis.com/: no network')
+  monkeypatch.setattr('keras.src.utils.file_utils.get_file', no_network)
+  empty = _empty_records(tmp_path, synthetic_records)
+  args = [arg.format(tmp=tmp_path, empty=empty) for arg in args]
+  if not any(arg.startswith('--records_dir') for arg in args):
+    args.append(f'--records_dir={synthetic_records}')
+  monkeypatch.setattr(sys, 'argv', ['agegender.train', f'--model_dir={tmp_path}/run',
+                                    '--image_size=32', '--verbose=0', *args])
+  with pytest.raises(SystemExit) as exit_info:
+    train.console_main()
+  assert exit_info.value.code == 2
+  stderr = capsys.readouterr().err.strip().splitlines()
+  assert len(stderr) == 1, stderr
+  assert 'error:' in stderr[0] and message in stderr[0]
