@@ -1,3 +1,39 @@
 """agegender: age and gender from UTKFace face crops, streamed from TFRecords."""
 
+import os
+import sys
+import tempfile
+
 __version__ = '0.1.0'
+
+
+def _import_tensorflow_quietly() -> None:
+  """Imports TensorFlow without its C++ start-up lines on the user's terminal.
+
+  TF_CPP_MIN_LOG_LEVEL hides TensorFlow's own INFO logs, but lines written
+  before absl::InitializeLog (the oneDNN notice among them) ignore it, a known
+  abseil bug. So stderr is caught while TensorFlow loads, and anything in it
+  that is not one of those INFO lines is written back.
+  """
+  if 'tensorflow' in sys.modules or os.environ['TF_CPP_MIN_LOG_LEVEL'] == '0':
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode='w+b') as caught:
+    os.dup2(caught.fileno(), 2)
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      pass  # Reported by whoever imports it next, with the message shown.
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+    caught.seek(0)
+    for line in caught.read().decode('utf-8', 'replace').splitlines(keepends=True):
+      if line.startswith(('I0000 ', 'WARNING: All log messages before absl::InitializeLog')):
+        continue
+      sys.stderr.write(line)
+
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+_import_tensorflow_quietly()

@@ -16,9 +16,6 @@ from absl import flags
 
 from agegender import contract
 
-# Keep TensorFlow's C++ start-up chatter out of the user's terminal.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
 
 class UsageError(Exception):
   """A bad flag, path or input that the user can fix; str() says how."""
