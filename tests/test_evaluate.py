@@ -1,0 +1,98 @@
+"""Evaluation: the metrics as pure functions, the table, and the outputs of a run."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from agegender import contract
+from agegender import evaluate
+
+# Four faces whose errors are worked out by hand below.
+TRUE_AGE = [5, 15, 25, 95]
+PREDICTED_AGE = [7, 15, 35, 90]          # errors 2, 0, 10, 5
+TRUE_GENDER = [0, 1, 1, 0]
+GENDER_PROBABILITY = [0.2, 0.9, 0.4, 0.6]  # right, right, wrong, wrong
+RACE = [0, 1, 1, -1]
+
+
+def _metrics(**overrides):
+  arguments = dict(true_age=TRUE_AGE, predicted_age=PREDICTED_AGE, true_gender=TRUE_GENDER,
+                   gender_probability=GENDER_PROBABILITY, race=RACE,
+                   train_mean_age=25.0, train_majority_gender=1)
+  arguments.update(overrides)
+  return evaluate.evaluation_metrics(**arguments)
+
+
+def test_headline_metrics():
+  metrics = _metrics()
+  assert metrics['count'] == 4
+  assert metrics['age_mae'] == pytest.approx((2 + 0 + 10 + 5) / 4)
+  assert metrics['gender_accuracy'] == pytest.approx(0.5)
+  assert metrics['cs5'] == pytest.approx(3 / 4)  # Within 5 years: 2, 0 and 5.
+
+
+def test_age_mae_by_decade_groups_the_oldest_together():
+  by_decade = _metrics()['age_mae_by_decade']
+  assert list(by_decade) == ['0-9', '10-19', '20-29', '90+']
+  assert by_decade['20-29'] == {'count': 1, 'age_mae': 10.0}
+  assert _metrics(true_age=[5, 15, 25, 120])['age_mae_by_decade']['90+']['count'] == 1
+
+
+def test_metrics_by_race_and_gender():
+  metrics = _metrics()
+  assert metrics['by_race']['Black'] == {'count': 2, 'gender_accuracy': 0.5, 'age_mae': 5.0}
+  assert metrics['by_race']['unknown']['count'] == 1
+  assert metrics['by_gender']['male'] == {'count': 2, 'gender_accuracy': 0.5, 'age_mae': 3.5}
+  assert metrics['by_gender']['female'] == {'count': 2, 'gender_accuracy': 0.5, 'age_mae': 5.0}
+
+
+def test_baselines_predict_the_training_mean_and_majority():
+  baselines = _metrics()['baselines']
+  assert baselines['mean_age_mae'] == pytest.approx((20 + 10 + 0 + 70) / 4)
+  assert baselines['majority_gender'] == 'female'
+  assert baselines['majority_gender_accuracy'] == pytest.approx(0.5)
+
+
+def test_metrics_are_json_and_the_table_shows_them():
+  metrics = _metrics()
+  assert json.loads(json.dumps(metrics)) == metrics
+  table = evaluate.format_table(metrics, 'test')
+  assert 'test split: 4 images' in table
+  assert 'CS@5' in table and '0.750' in table
+  assert '90+' in table and 'Black' in table and 'baseline' in table
+
+
+def test_an_empty_split_is_a_records_error():
+  with pytest.raises(contract.RecordsError):
+    _metrics(true_age=[], predicted_age=[], true_gender=[], gender_probability=[], race=[])
+
+
+def test_label_statistics_read_the_training_labels(synthetic_records):
+  manifest = contract.read_manifest(synthetic_records)
+  statistics = evaluate.label_statistics(synthetic_records, 'train')
+  assert statistics['count'] == manifest['splits']['train']['num_examples']
+  assert 1 <= statistics['mean_age'] <= 90
+  assert statistics['majority_gender'] in (0, 1)
+
+
+def test_evaluation_of_a_run_writes_json_table_and_plot(trained_run, synthetic_records):
+  model_dir = trained_run['model_dir']
+  paths = evaluate.output_paths(model_dir, 'test')
+  with open(paths['json']) as f:
+    metrics = json.load(f)
+  manifest = contract.read_manifest(synthetic_records)
+  assert metrics['count'] == manifest['splits']['test']['num_examples']
+  assert {'gender_accuracy', 'age_mae', 'age_mae_by_decade', 'by_race', 'by_gender', 'cs5',
+          'baselines'} <= set(metrics)
+  with open(paths['table']) as f:
+    assert f.read().strip() == evaluate.format_table(metrics, 'test')
+  with open(paths['plot'], 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_plot_predicted_age_writes_a_png(tmp_path):
+  path = evaluate.plot_predicted_age(np.array([10, 50]), np.array([12, 40]),
+                                     str(tmp_path / 'ages.png'))
+  assert os.path.getsize(path) > 1000

@@ -1,0 +1,146 @@
+"""Export and prediction: the serving signature on raw bytes, safe loading, the predict CLI."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from agegender import cli
+from agegender import contract
+from agegender import export
+from agegender import pipeline
+from agegender import predict
+from agegender import synthetic
+
+
+def _test_records(records_dir):
+  """(file name, encoded image bytes) of the test split, straight from the shards."""
+  manifest = contract.read_manifest(records_dir)
+  spec = contract.feature_spec()
+  pairs = []
+  for serialized in tf.data.TFRecordDataset(contract.split_shards(manifest, 'test')):
+    example = tf.io.parse_single_example(serialized, spec)
+    pairs.append((example[contract.FILE_NAME].numpy().decode(),
+                  example[contract.IMAGE].numpy()))
+  return pairs
+
+
+def _keras_outputs_on_pipeline(model, records_dir, image_size):
+  """Keras model outputs on the pipeline's test batches, by file name."""
+  outputs = {}
+  dataset = pipeline.make_dataset(records_dir, 'test', batch_size=32, image_size=image_size,
+                                  include_metadata=True)
+  for images, _, metadata in dataset:
+    predicted = model.predict_on_batch(images)
+    for name, age, female in zip(metadata['file_name'].numpy(),
+                                 predicted['age_output'].reshape(-1),
+                                 predicted['gender_output'].reshape(-1)):
+      outputs[name.decode()] = (age, female)
+  return outputs
+
+
+def test_the_saved_model_on_raw_bytes_matches_keras_on_the_pipeline(trained_run,
+                                                                    synthetic_records):
+  model = export.load_keras_model(trained_run['model_dir'])
+  serve = export.load_serving_function(trained_run['export_dir'])
+  names, encoded = zip(*_test_records(synthetic_records))
+  served = serve(image_bytes=tf.constant(encoded))
+  expected = _keras_outputs_on_pipeline(model, synthetic_records, export.image_size_of(model))
+  assert set(expected) == set(names)
+  np.testing.assert_allclose(served['age'].numpy(), [expected[n][0] for n in names],
+                             rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(served['gender_probability'].numpy(),
+                             [expected[n][1] for n in names], rtol=1e-4, atol=1e-5)
+  genders = [g.decode() for g in served['gender'].numpy()]
+  assert genders == ['female' if expected[n][1] >= 0.5 else 'male' for n in names]
+
+
+def test_the_serving_signature_takes_a_string_batch(trained_run):
+  serve = export.load_serving_function(trained_run['export_dir'])
+  _, inputs = serve.structured_input_signature
+  assert inputs == {'image_bytes': tf.TensorSpec([None], tf.string, name='image_bytes')}
+  assert set(serve.structured_outputs) == {'age', 'gender_probability', 'gender'}
+
+
+def _png(width, height, seed=0):
+  pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def test_the_saved_model_takes_png_of_any_size(trained_run):
+  model = export.load_keras_model(trained_run['model_dir'])
+  serve = export.load_serving_function(trained_run['export_dir'])
+  encoded = [_png(100, 80), _png(30, 50, seed=1)]
+  served = serve(image_bytes=tf.constant(encoded))
+  size = export.image_size_of(model)
+  images = np.stack([pipeline.preprocess_encoded_image(e, size).numpy() for e in encoded])
+  np.testing.assert_allclose(served['age'].numpy(),
+                             model.predict_on_batch(images)['age_output'].reshape(-1),
+                             rtol=1e-4, atol=1e-3)
+
+
+def test_loading_refuses_a_model_that_would_run_code(tmp_path):
+  inputs = keras.Input((4,))
+  unsafe = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+  path = str(tmp_path / 'unsafe.keras')
+  unsafe.save(path)
+  with pytest.raises(ValueError, match='(?i)unsafe|safe_mode'):
+    export.load_keras_model(path)
+
+
+def test_loading_a_missing_model_is_a_usage_error(tmp_path):
+  with pytest.raises(cli.UsageError, match='no model at'):
+    export.load_keras_model(str(tmp_path))
+
+
+@pytest.fixture
+def photos(tmp_path):
+  """A folder of 3 synthetic JPEGs, a PNG in a subfolder, a broken .jpg and a text file."""
+  folder = synthetic.write_synthetic_folder(str(tmp_path / 'photos'), 3, seed=5)
+  os.makedirs(os.path.join(folder, 'more'))
+  with open(os.path.join(folder, 'more', 'face.png'), 'wb') as f:
+    f.write(_png(90, 90))
+  with open(os.path.join(folder, 'broken.jpg'), 'wb') as f:
+    f.write(b'\xff\xd8 this is not a JPEG')
+  with open(os.path.join(folder, 'notes.txt'), 'w') as f:
+    f.write('not an image, and not picked up from a folder')
+  return folder
+
+
+def test_predict_paths_goes_on_after_a_broken_file(trained_run, photos):
+  model = export.load_keras_model(trained_run['model_dir'])
+  results = list(predict.predict_paths(model, [photos, os.path.join(photos, 'missing.jpg')],
+                                       batch_size=2))
+  by_file = {os.path.relpath(r['file'], photos): r for r in results}
+  assert set(by_file) == {'broken.jpg', 'more/face.png', 'missing.jpg'} | {
+      name for name in os.listdir(photos) if name.endswith('.chip.jpg')}
+  assert 'not a readable image' in by_file['broken.jpg']['error']
+  assert 'no such file' in by_file['missing.jpg']['error']
+  predicted = [r for r in results if 'error' not in r]
+  assert len(predicted) == 4
+  for result in predicted:
+    assert result['gender'] in ('male', 'female')
+    assert 0.5 <= result['probability'] <= 1.0
+    assert result['age'] >= 0
+
+
+def test_predict_command_prints_json_lines_and_exits_0_with_a_broken_file(trained_run, photos):
+  completed = subprocess.run(
+      [sys.executable, '-m', 'agegender.predict', f'--model_dir={trained_run["model_dir"]}',
+       '--json', photos], capture_output=True, text=True, timeout=120)
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  lines = [json.loads(line) for line in completed.stdout.splitlines()]
+  assert len(lines) == 5
+  errors = [line for line in lines if 'error' in line]
+  assert [os.path.basename(line['file']) for line in errors] == ['broken.jpg']
+  assert all({'file', 'age', 'gender', 'probability'} <= set(line)
+             for line in lines if 'error' not in line)
