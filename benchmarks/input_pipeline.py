@@ -1,0 +1,311 @@
+"""The streaming pipeline against the notebook's in-RAM loader and the decode limit.
+
+  python benchmarks/input_pipeline.py [--count N] [--sizes 2000,20000]
+      [--source PATH] [--json PATH]
+
+On the same images (the synthetic set, or the UTKFace JPEGs of a folder given
+with --source), each measured in its own process so peak memory does not mix:
+
+1. in-RAM loader: the original notebook's PIL open, resize to 128x128, collect
+   into a NumPy array, divide by 255;
+2. decode limit: the same JPEG bytes already in memory, decoded and resized
+   by tf.data (preprocess_encoded_image, AUTOTUNE), batched, nothing else;
+3. make_dataset over records in each image storage (source JPEG, JPEG at 128,
+   raw at 128), training mode (shard shuffle, interleave, record shuffle).
+
+Rates are the best of --epochs passes. Then peak memory of the pipeline and
+of the in-RAM loader over --sizes images of the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import flags
+
+from agegender import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('count', 4000, 'Images for the speed comparison.')
+flags.DEFINE_list('sizes', ['2000', '20000'], 'Data set sizes for the memory comparison.')
+flags.DEFINE_string('source', None, 'A folder of UTKFace JPEGs; default: the synthetic set.')
+flags.DEFINE_string('json', None, 'Write the figures to this JSON file.')
+flags.DEFINE_integer('batch_size', 128, 'Batch size of the tf.data measurements.')
+flags.DEFINE_integer('image_size', 128, 'Side of the model input.')
+flags.DEFINE_integer('epochs', 3, 'Passes per tf.data measurement; the best counts.')
+flags.DEFINE_integer('num_shards', 8, 'Shards per set of records.')
+flags.DEFINE_list('memory_shuffle_buffers', ['10000', '1000'],
+                  'Record shuffle buffers of the pipeline in the memory comparison.')
+flags.DEFINE_string('work_dir', None, 'Where images and records go; default: a temporary folder.')
+# One measurement in this process (the script runs itself once per measurement).
+flags.DEFINE_enum('measure', None, ['inram', 'decode', 'pipeline'], 'Internal.')
+flags.DEFINE_string('images_dir', None, 'Internal: images of one measurement.')
+flags.DEFINE_string('records_dir', None, 'Internal: records of one measurement.')
+flags.DEFINE_integer('shuffle_buffer', 10_000, 'Internal: record shuffle buffer.')
+
+STORAGES = (('source JPEG', 'jpeg', None), ('JPEG@128', 'jpeg', 128), ('raw@128', 'raw', 128))
+
+
+# ---------------------------------------------------------------------------
+# Measurements, one per process.
+
+def _rss_mb() -> float:
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith('VmRSS:'):
+        return int(line.split()[1]) / 1024
+  return 0.0
+
+
+def _peak_rss_mb() -> float:
+  # VmHWM, not getrusage's ru_maxrss: the latter keeps the parent's peak across exec.
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) / 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _image_paths(images_dir: str) -> list[str]:
+  names = sorted(n for n in os.listdir(images_dir) if n.lower().endswith('.jpg'))
+  return [os.path.join(images_dir, n) for n in names]
+
+
+def measure_inram(images_dir: str, image_size: int) -> dict:
+  """The notebook's loader: every image resized into one array in RAM."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  start_rss = _rss_mb()
+  start = time.perf_counter()
+  images = []
+  for path in _image_paths(images_dir):
+    image = Image.open(path).convert('RGB').resize((image_size, image_size))
+    images.append(np.array(image))
+  array = np.array(images) / 255
+  seconds = time.perf_counter() - start
+  return {'images': len(array), 'seconds': seconds, 'epoch_rates': [len(array) / seconds],
+          'start_rss_mb': start_rss}
+
+
+def _time_epochs(dataset, epochs: int) -> tuple[int, list[float]]:
+  rates, count = [], 0
+  for _ in range(epochs):
+    count = 0
+    start = time.perf_counter()
+    for batch in dataset:
+      count += int(batch[0].shape[0])
+    rates.append(count / (time.perf_counter() - start))
+  return count, rates
+
+
+def measure_decode(images_dir: str, image_size: int, batch_size: int, epochs: int) -> dict:
+  """The decode limit: bytes already in memory, decode + resize, nothing else."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from agegender import pipeline  # pylint: disable=g-import-not-at-top
+  start_rss = _rss_mb()
+  encoded = []
+  for path in _image_paths(images_dir):
+    with open(path, 'rb') as f:
+      encoded.append(f.read())
+  dataset = (tf.data.Dataset.from_tensor_slices(encoded)
+             .map(lambda e: (pipeline.preprocess_encoded_image(e, image_size),),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+  count, rates = _time_epochs(dataset, epochs)
+  return {'images': count, 'epoch_rates': rates, 'start_rss_mb': start_rss}
+
+
+def measure_pipeline(records_dir: str, image_size: int, batch_size: int, epochs: int,
+                     shuffle_buffer: int) -> dict:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from agegender import pipeline  # pylint: disable=g-import-not-at-top
+  start_rss = _rss_mb()
+  dataset = pipeline.make_dataset(records_dir, 'train', batch_size=batch_size, training=True,
+                                  image_size=image_size, shuffle_buffer=shuffle_buffer)
+  count, rates = _time_epochs(dataset, epochs)
+  return {'images': count, 'epoch_rates': rates, 'start_rss_mb': start_rss,
+          'gpus': len(tf.config.list_physical_devices('GPU'))}
+
+
+def run_measurement() -> None:
+  if FLAGS.measure == 'inram':
+    result = measure_inram(FLAGS.images_dir, FLAGS.image_size)
+  elif FLAGS.measure == 'decode':
+    result = measure_decode(FLAGS.images_dir, FLAGS.image_size, FLAGS.batch_size, FLAGS.epochs)
+  else:
+    result = measure_pipeline(FLAGS.records_dir, FLAGS.image_size, FLAGS.batch_size,
+                              FLAGS.epochs, FLAGS.shuffle_buffer)
+  result['images_per_s'] = max(result['epoch_rates'])
+  result['peak_rss_mb'] = _peak_rss_mb()
+  print(json.dumps(result))
+
+
+def measure_in_child(kind: str, **paths) -> dict:
+  """Runs one measurement in a fresh process; returns its figures."""
+  args = [sys.executable, os.path.abspath(__file__), f'--measure={kind}',
+          f'--image_size={FLAGS.image_size}', f'--batch_size={FLAGS.batch_size}',
+          f'--epochs={FLAGS.epochs}']
+  args += [f'--{key}={value}' for key, value in paths.items()]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  done = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
+  if done.returncode != 0:
+    raise cli.UsageError(f'measurement {kind} failed: {done.stderr.strip()[-2000:]}')
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------
+# Images and records.
+
+def _write_synthetic_chunk(args) -> None:
+  from agegender import synthetic  # pylint: disable=g-import-not-at-top
+  path, count, seed = args
+  synthetic.write_synthetic_folder(path, count, seed)
+
+
+def synthetic_images(directory: str, count: int) -> str:
+  """`count` synthetic UTKFace-like 200x200 JPEGs, written in parallel."""
+  if os.path.isdir(directory) and len(_image_paths(directory)) >= count:
+    return directory
+  chunk = 1000
+  jobs = [(directory, min(chunk, count - start), start // chunk)
+          for start in range(0, count, chunk)]
+  with multiprocessing.Pool(os.cpu_count()) as pool:
+    pool.map(_write_synthetic_chunk, jobs)
+  return directory
+
+
+def subset(images_dir: str, directory: str, count: int) -> str:
+  """A folder of links to the first `count` images of `images_dir`."""
+  paths = _image_paths(images_dir)
+  if len(paths) < count:
+    raise cli.UsageError(f'{images_dir} has {len(paths)} JPEGs; {count} are needed')
+  os.makedirs(directory, exist_ok=True)
+  for path in paths[:count]:
+    link = os.path.join(directory, os.path.basename(path))
+    if not os.path.exists(link):
+      os.symlink(os.path.abspath(path), link)
+  return directory
+
+
+def make_records(images_dir: str, records_dir: str, image_format: str,
+                 image_size: int | None) -> tuple[str, dict]:
+  from agegender import contract  # pylint: disable=g-import-not-at-top
+  from agegender import records  # pylint: disable=g-import-not-at-top
+  records.convert(images_dir, records_dir, split=(1.0, 0.0, 0.0), image_format=image_format,
+                  image_size=image_size, num_shards=FLAGS.num_shards, skip_if_done=True,
+                  progress=False)
+  manifest = contract.read_manifest(records_dir)
+  paths = contract.split_shards(manifest, 'train')
+  examples = manifest['splits']['train']['num_examples']
+  size = sum(os.path.getsize(p) for p in paths)
+  return records_dir, {'bytes_per_image': size / examples, 'records': examples}
+
+
+# ---------------------------------------------------------------------------
+# The comparison.
+
+def machine() -> str:
+  model = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return f'{os.cpu_count()}-core CPU ({model})'
+
+
+def speed_comparison(work: str, images_dir: str) -> list[dict]:
+  images = subset(images_dir, os.path.join(work, f'images-{FLAGS.count}'), FLAGS.count)
+  rows = [dict(method='in-RAM loader (PIL + NumPy)', **measure_in_child('inram', images_dir=images)),
+          dict(method='decode limit (tf.data, bytes in memory)',
+               **measure_in_child('decode', images_dir=images))]
+  for label, image_format, size in STORAGES:
+    records_dir, stored = make_records(
+        images, os.path.join(work, f'records-{FLAGS.count}-{image_format}-{size}'),
+        image_format, size)
+    rows.append(dict(method=f'pipeline, {label} records', storage=label, **stored,
+                     **measure_in_child('pipeline', records_dir=records_dir)))
+  inram, decode = rows[0]['images_per_s'], rows[1]['images_per_s']
+  for row in rows:
+    row['vs_decode_limit'] = row['images_per_s'] / decode
+    row['vs_in_ram'] = row['images_per_s'] / inram
+  return rows
+
+
+def memory_comparison(work: str, images_dir: str) -> list[dict]:
+  rows = []
+  for count in [int(s) for s in FLAGS.sizes]:
+    images = subset(images_dir, os.path.join(work, f'images-{count}'), count)
+    records_dir, _ = make_records(images, os.path.join(work, f'records-{count}-jpeg-None'),
+                                  'jpeg', None)
+    rows.append(dict(method='in-RAM loader (PIL + NumPy)', size=count,
+                     **measure_in_child('inram', images_dir=images)))
+    for buffer in FLAGS.memory_shuffle_buffers:
+      rows.append(dict(method=f'pipeline, source JPEG, shuffle_buffer={int(buffer):,}',
+                       size=count, **measure_in_child('pipeline', records_dir=records_dir,
+                                                      shuffle_buffer=buffer)))
+  return rows
+
+
+def print_tables(header: str, speed: list[dict], memory: list[dict]) -> None:
+  print(header)
+  print(f'{"method":44} {"images/s":>9} {"x decode":>9} {"x in-RAM":>9} '
+        f'{"peak RSS MB":>12} {"bytes/image":>12}')
+  for row in speed:
+    stored = f'{row["bytes_per_image"]:,.0f}' if 'bytes_per_image' in row else ''
+    print(f'{row["method"]:44} {row["images_per_s"]:9,.0f} {row["vs_decode_limit"]:9.2f} '
+          f'{row["vs_in_ram"]:9.1f} {row["peak_rss_mb"]:12,.0f} {stored:>12}')
+  sizes = sorted({row['size'] for row in memory})
+  if not sizes:
+    return
+  print()
+  print(f'{"peak RSS MB by data set size":56}' + ''.join(f'{s:>10,}' for s in sizes)
+        + f'{"growth":>10}')
+  for method in dict.fromkeys(row['method'] for row in memory):
+    peaks = [row['peak_rss_mb'] for row in memory if row['method'] == method]
+    print(f'{method:56}' + ''.join(f'{p:10,.0f}' for p in peaks) + f'{peaks[-1] - peaks[0]:10,.0f}')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.measure:
+    run_measurement()
+    return
+  sizes = [int(s) for s in FLAGS.sizes]
+  with tempfile.TemporaryDirectory(prefix='input_pipeline-') as temporary:
+    work = FLAGS.work_dir or temporary
+    os.makedirs(work, exist_ok=True)
+    needed = max([FLAGS.count] + sizes)
+    if FLAGS.source:
+      images_dir, data = FLAGS.source, f'UTKFace JPEGs from {FLAGS.source}'
+    else:
+      images_dir = synthetic_images(os.path.join(work, 'synthetic'), needed)
+      data = 'synthetic UTKFace-like 200x200 JPEGs (agegender.synthetic)'
+    speed = speed_comparison(work, images_dir)
+    memory = memory_comparison(work, images_dir)
+  gpus = speed[-1].get('gpus', 0)
+  header = (f'{FLAGS.count:,} {data}; batch {FLAGS.batch_size}, image size '
+            f'{FLAGS.image_size}; {machine()}, {gpus or "no"} GPU')
+  print_tables(header, speed, memory)
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
+      json.dump({'machine': machine(), 'gpus': gpus, 'data': data, 'count': FLAGS.count,
+                 'batch_size': FLAGS.batch_size, 'image_size': FLAGS.image_size,
+                 'speed': speed, 'memory': memory}, f, indent=2)
+
+
+def console_main():
+  cli.run(main)
+
+
+if __name__ == '__main__':
+  console_main()
