@@ -15,7 +15,14 @@ duplicates (same bytes, any name) land together and are kept once (the
 smallest name), and any engine that runs `convert_image` (this module's thread
 pool, or a cluster engine) writes the same bytes.
 
-`convert` runs it in two passes with bounded memory:
+A runner turns a source into written shards; everything after the per-image
+function is shared between runners: deduplication (`unique_by_content`), the
+per-split totals (`SplitTotals`), shard counts (`choose_num_shards`), shard
+writing (`write_shard`), then the tfds metadata, manifest and summary, which
+`convert` writes for every runner. `convert` takes the runner as an argument:
+`run_local` (the default) or agegender.beam_records' Apache Beam pipeline.
+
+`run_local` works in two passes with bounded memory:
 
 1. stream the source through a pool of threads and spill each converted record into a local
    bucket file keyed by (split, first hash byte);
@@ -34,7 +41,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -45,7 +54,7 @@ import struct
 import sys
 import tempfile
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
@@ -217,19 +226,151 @@ def convert_stream(entries: Iterable[tuple[str, bytes]], options: ConvertOptions
       yield from pending.popleft().result()
 
 
-# Pass 1: spill converted records into local bucket files.
+# What every runner does after the per-image function: deduplicate, count,
+# choose shard counts and write shards.
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """What deduplication and the totals need of a record: no image bytes."""
+  content_hash: bytes
+  name: str
+  labels: labels_lib.Labels
+  length: int  # Of the serialized example.
+
+
+def entry_of(record: Converted) -> Entry:
+  return Entry(record.content_hash, record.name, record.labels, len(record.example))
+
+
+def unique_by_content(records: Iterable[Any]) -> Iterator[tuple[Any, Any | None]]:
+  """Records (anything with content_hash and name) in (hash, name) order, each
+  paired with None when kept, or with the record it duplicates (the smallest name)."""
+  kept = None
+  for record in sorted(records, key=lambda r: (r.content_hash, r.name)):
+    if kept is not None and record.content_hash == kept.content_hash:
+      yield record, kept
+    else:
+      kept = record
+      yield record, None
+
+
+def _decade(age: int) -> str:
+  start = age // 10 * 10
+  return f'{start}-{start + 9}'
+
+
+def _empty_histograms() -> dict[str, dict[str, int]]:
+  return {'age': {_decade(age): 0 for age in range(0, labels_lib.MAX_AGE + 1, 10)},
+          'gender': {str(g): 0 for g in range(len(labels_lib.GENDERS))},
+          'race': {str(r): 0 for r in range(labels_lib.UNKNOWN_RACE, len(labels_lib.RACES))}}
+
+
+@dataclasses.dataclass
+class SplitTotals:
+  """A split's kept examples, bytes, label histograms and dropped duplicates."""
+  num_examples: int = 0
+  num_bytes: int = 0
+  histograms: dict[str, dict[str, int]] = dataclasses.field(default_factory=_empty_histograms)
+  duplicates: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+  def add_entries(self, entries: Iterable[Entry]) -> 'SplitTotals':
+    """Counts entries that hold every copy of their content; copies count once."""
+    for entry, kept in unique_by_content(entries):
+      if kept is not None:
+        self.duplicates.append({'file': entry.name, 'same_as': kept.name})
+        continue
+      self.num_examples += 1
+      self.num_bytes += entry.length
+      self.histograms['age'][_decade(entry.labels.age)] += 1
+      self.histograms['gender'][str(entry.labels.gender)] += 1
+      self.histograms['race'][str(entry.labels.race)] += 1
+    return self
+
+  def merge(self, other: 'SplitTotals') -> 'SplitTotals':
+    self.num_examples += other.num_examples
+    self.num_bytes += other.num_bytes
+    for kind, histogram in other.histograms.items():
+      for key, count in histogram.items():
+        self.histograms[kind][key] += count
+    self.duplicates.extend(other.duplicates)
+    return self
+
+
+def merge_totals(totals: Iterable[SplitTotals]) -> SplitTotals:
+  merged = SplitTotals()
+  for total in totals:
+    merged.merge(total)
+  return merged
+
+
+def choose_num_shards(num_bytes: int, num_examples: int, shard_size_mb: float,
+                      num_shards: int | None) -> int:
+  if num_shards is None:
+    num_shards = -(-num_bytes // int(shard_size_mb * 2**20))
+  return max(1, min(num_shards, num_examples))
+
+
+class _ShardWriter:
+  """Writes a split's shards, each under a temporary name until complete."""
+
+  def __init__(self, directory: str, split: str, num_shards: int):
+    self.directory, self.split, self.num_shards = directory, split, num_shards
+    self._writer = self._index = None
+
+  def _path(self, index: int, temporary: bool = False) -> str:
+    name = contract.shard_name(self.split, index, self.num_shards)
+    return posixpath.join(self.directory, TEMP_PREFIX + name if temporary else name)
+
+  def write_shard(self, index: int, examples: Iterable[bytes]) -> int:
+    """Writes shard `index` from serialized examples in order; returns their count."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self._index = index
+    self._writer = tf.io.TFRecordWriter(self._path(index, temporary=True))
+    length = 0
+    for example in examples:
+      self._writer.write(example)
+      length += 1
+    self._finish_current()
+    return length
+
+  def _finish_current(self) -> None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self._writer.close()
+    tf.io.gfile.rename(self._path(self._index, temporary=True), self._path(self._index),
+                       overwrite=True)
+    self._writer = None
+
+
+def write_shard(directory: str, split: str, index: int, num_shards: int,
+                examples: Iterable[bytes]) -> int:
+  """One complete shard (renamed into place when written); returns its length."""
+  return _ShardWriter(directory, split, num_shards).write_shard(index, examples)
+
+
+def write_split(directory: str, split: str, num_shards: int,
+                indexed_examples: Iterable[tuple[int, bytes]]) -> list[int]:
+  """Every shard of a split from (shard index, example) in shard order, the empty
+  ones included; returns the shard lengths."""
+  writer = _ShardWriter(directory, split, num_shards)
+  lengths = []
+  for index, group in itertools.groupby(indexed_examples, key=lambda pair: pair[0]):
+    while len(lengths) < index:
+      lengths.append(writer.write_shard(len(lengths), ()))
+    lengths.append(writer.write_shard(index, (example for _, example in group)))
+  while len(lengths) < num_shards:
+    lengths.append(writer.write_shard(len(lengths), ()))
+  return lengths
+
+
+# The local runner's pass 1: spill converted records into local bucket files.
 
 # hash, example length, age, gender, race, name length; then name, example.
 _HEADER = struct.Struct('>32sIhbbH')
 
 
 @dataclasses.dataclass(frozen=True)
-class _Entry:
-  content_hash: bytes
-  name: str
-  labels: labels_lib.Labels
-  offset: int
-  length: int
+class _Spilled(Entry):
+  offset: int = 0  # Of the example in its bucket file.
 
 
 class _Spill:
@@ -261,124 +402,40 @@ class _Spill:
     return [self._path(s, b) for s, b in sorted(self._files) if s == split]
 
 
-def _bucket_entries(path: str) -> list[_Entry]:
-  """The bucket's records, sorted by (hash, name), examples left on disk."""
+def _bucket_entries(path: str) -> list[_Spilled]:
+  """The bucket's records, examples left on disk."""
   entries = []
   with open(path, 'rb') as f:
     while header := f.read(_HEADER.size):
       content_hash, length, age, gender, race, name_length = _HEADER.unpack(header)
       name = f.read(name_length).decode('utf-8')
-      entries.append(_Entry(content_hash, name, labels_lib.Labels(age, gender, race),
-                            f.tell(), length))
+      entries.append(_Spilled(content_hash, name, labels_lib.Labels(age, gender, race),
+                              length, f.tell()))
       f.seek(length, os.SEEK_CUR)
-  entries.sort(key=lambda e: (e.content_hash, e.name))
   return entries
 
 
-def _unique(entries: list[_Entry]) -> Iterator[tuple[_Entry, _Entry | None]]:
-  """(entry, None) for each kept entry; (entry, kept) for each duplicate."""
-  kept = None
-  for entry in entries:
-    if kept is not None and entry.content_hash == kept.content_hash:
-      yield entry, kept
-    else:
-      kept = entry
-      yield entry, None
+# The local runner's pass 2: totals, shard counts, shards.
 
-
-# Pass 2: totals, shard counts, shards.
-
-def _decade(age: int) -> str:
-  start = age // 10 * 10
-  return f'{start}-{start + 9}'
-
-
-def _empty_histograms() -> dict[str, dict[str, int]]:
-  return {'age': {_decade(age): 0 for age in range(0, labels_lib.MAX_AGE + 1, 10)},
-          'gender': {str(g): 0 for g in range(len(labels_lib.GENDERS))},
-          'race': {str(r): 0 for r in range(labels_lib.UNKNOWN_RACE, len(labels_lib.RACES))}}
-
-
-@dataclasses.dataclass
-class _SplitTotals:
-  num_examples: int = 0
-  num_bytes: int = 0
-  histograms: dict[str, dict[str, int]] = dataclasses.field(default_factory=_empty_histograms)
-  duplicates: list[dict[str, str]] = dataclasses.field(default_factory=list)
-
-
-def _split_totals(spill: _Spill, split: str) -> _SplitTotals:
-  totals = _SplitTotals()
+def _split_totals(spill: _Spill, split: str) -> SplitTotals:
+  # Copies share a hash, so they share a bucket: buckets can be counted one by one.
+  totals = SplitTotals()
   for path in spill.buckets(split):
-    for entry, kept in _unique(_bucket_entries(path)):
-      if kept is not None:
-        totals.duplicates.append({'file': entry.name, 'same_as': kept.name})
-        continue
-      totals.num_examples += 1
-      totals.num_bytes += entry.length
-      totals.histograms['age'][_decade(entry.labels.age)] += 1
-      totals.histograms['gender'][str(entry.labels.gender)] += 1
-      totals.histograms['race'][str(entry.labels.race)] += 1
+    totals.add_entries(_bucket_entries(path))
   return totals
-
-
-def choose_num_shards(num_bytes: int, num_examples: int, shard_size_mb: float,
-                      num_shards: int | None) -> int:
-  if num_shards is None:
-    num_shards = -(-num_bytes // int(shard_size_mb * 2**20))
-  return max(1, min(num_shards, num_examples))
-
-
-class _ShardWriter:
-  """Writes one split's shards in order, each under a temporary name until complete."""
-
-  def __init__(self, directory: str, split: str, num_shards: int):
-    self.directory, self.split, self.num_shards = directory, split, num_shards
-    self.lengths = []
-    self._writer = None
-
-  def _path(self, index: int, temporary: bool = False) -> str:
-    name = contract.shard_name(self.split, index, self.num_shards)
-    return posixpath.join(self.directory, TEMP_PREFIX + name if temporary else name)
-
-  def _finish_current(self) -> None:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    index = len(self.lengths) - 1
-    self._writer.close()
-    tf.io.gfile.rename(self._path(index, temporary=True), self._path(index), overwrite=True)
-    self._writer = None
-
-  def _open_next(self) -> None:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    if self._writer is not None:
-      self._finish_current()
-    self.lengths.append(0)
-    self._writer = tf.io.TFRecordWriter(self._path(len(self.lengths) - 1, temporary=True))
-
-  def write(self, shard: int, example: bytes) -> None:
-    while len(self.lengths) <= shard:
-      self._open_next()
-    self._writer.write(example)
-    self.lengths[-1] += 1
-
-  def close(self) -> None:
-    while len(self.lengths) < self.num_shards:
-      self._open_next()
-    self._finish_current()
 
 
 def _write_split(spill: _Spill, split: str, split_range: tuple[int, int], num_shards: int,
                  directory: str) -> list[int]:
-  writer = _ShardWriter(directory, split, num_shards)
-  for path in spill.buckets(split):
-    with open(path, 'rb') as f:
-      for entry, kept in _unique(_bucket_entries(path)):
-        if kept is None:
-          f.seek(entry.offset)
-          writer.write(shard_of(hash_position(entry.content_hash), split_range, num_shards),
-                       f.read(entry.length))
-  writer.close()
-  return writer.lengths
+  def indexed_examples():  # Buckets in hash order, so shards in order.
+    for path in spill.buckets(split):
+      with open(path, 'rb') as f:
+        for entry, kept in unique_by_content(_bucket_entries(path)):
+          if kept is None:
+            f.seek(entry.offset)
+            yield (shard_of(hash_position(entry.content_hash), split_range, num_shards),
+                   f.read(entry.length))
+  return write_split(directory, split, num_shards, indexed_examples())
 
 
 # Output folder: checks, cleaning, metadata.
@@ -550,20 +607,99 @@ def _conversion_flags(source_spec: str, split, storage, jpeg_quality, shard_size
   return flags
 
 
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+  """One conversion's checked settings: what a runner needs besides the source."""
+  directory: str  # The data set folder: <records_dir>/utkface/<version>.
+  options: ConvertOptions
+  shard_size_mb: float
+  num_shards: int | None
+
+  def num_shards_of(self, totals: SplitTotals) -> int:
+    return choose_num_shards(totals.num_bytes, totals.num_examples, self.shard_size_mb,
+                             self.num_shards)
+
+
+@dataclasses.dataclass
+class Outcome:
+  """What a runner did: shards written; the rest goes into the manifest and summary."""
+  totals: dict[str, SplitTotals]
+  shard_lengths: dict[str, list[int]]
+  rejected: list[Rejected]
+  files_read: int
+
+
+def check_something_valid(spec: str, files_read: int, rejected: list[Rejected]) -> None:
+  if files_read == len(rejected):
+    raise cli.UsageError(_nothing_valid_message(spec, rejected))
+
+
+@contextlib.contextmanager
+def writing_to(directory: str) -> Iterator[None]:
+  """Turns a failure to write the output into a one-line usage error."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except (tf.errors.OpError, OSError) as e:
+    raise cli.UsageError(f'could not write the records to {directory}: {e}') from None
+
+
+def prepare_output(directory: str) -> None:
+  """Creates the data set folder and clears what an earlier run left in it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.io.gfile.makedirs(directory)
+  _remove_leftovers(directory)
+
+
+def run_local(conversion: Conversion, source: sources.Source, *, workers: int,
+              progress: bool = True) -> Outcome:
+  """Converts on this machine's threads, in two passes through local spill files."""
+  directory = conversion.directory
+  with tempfile.TemporaryDirectory(prefix='make_records-') as spill_dir:
+    spill = _Spill(spill_dir)
+    rejected = []
+    meter = _Progress(progress, source.total)
+    try:
+      for result in convert_stream(source, conversion.options, workers):
+        if isinstance(result, Rejected):
+          rejected.append(result)
+        else:
+          spill.add(result)
+        meter.step()
+    finally:
+      spill.close()
+      meter.finish()
+    check_something_valid(source.spec, meter.done, rejected)
+
+    totals = {name: _split_totals(spill, name) for name in contract.SPLITS}
+    ranges = split_ranges(conversion.options.split)
+    with writing_to(directory):
+      prepare_output(directory)
+      lengths = {name: _write_split(spill, name, ranges[name], conversion.num_shards_of(total),
+                                    directory)
+                 for name, total in totals.items()}
+  return Outcome(totals, lengths, rejected, meter.done)
+
+
 def convert(source: str, records_dir: str, *, split=DEFAULT_SPLIT, image_format: str = 'jpeg',
             image_size: int | None = None, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
             shard_size_mb: float = DEFAULT_SHARD_SIZE_MB, num_shards: int | None = None,
             workers: int | None = None, overwrite: bool = False, skip_if_done: bool = False,
             synthetic_count: int = DEFAULT_SYNTHETIC_COUNT, seed: int = 0,
-            progress: bool = True) -> dict[str, Any]:
-  """Converts `source` into records under `records_dir`; returns the summary."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+            progress: bool = True,
+            runner: Callable[[Conversion, sources.Source], Outcome] | None = None
+            ) -> dict[str, Any]:
+  """Converts `source` into records under `records_dir`; returns the summary.
+
+  `runner(conversion, source)` writes the shards; unset, `run_local` with
+  `workers` threads (default: the core count). `workers` and `progress` only
+  concern `run_local`.
+  """
   start = time.monotonic()
   split = _validated_split(split)
   storage = _storage(image_format, image_size, jpeg_quality)
   if shard_size_mb <= 0 or (num_shards is not None and num_shards <= 0):
     raise cli.UsageError('--shard_size_mb and --num_shards must be positive')
-  workers = workers or os.cpu_count() or 1
   directory = contract.dataset_dir(records_dir)
   source_info = {'spec': sources.normalize_spec(source)}
   flags = _conversion_flags(source_info['spec'], split, storage, jpeg_quality,
@@ -574,43 +710,25 @@ def convert(source: str, records_dir: str, *, split=DEFAULT_SPLIT, image_format:
 
   opened = sources.open_source(source, synthetic_count=synthetic_count, seed=seed)
   source_info = dict(opened.describe(), spec=source_info['spec'])
-  options = ConvertOptions(split=split, storage=storage, jpeg_quality=jpeg_quality)
-  with tempfile.TemporaryDirectory(prefix='make_records-') as spill_dir:
-    spill = _Spill(spill_dir)
-    rejected = []
-    meter = _Progress(progress, opened.total)
-    try:
-      for result in convert_stream(opened, options, workers):
-        if isinstance(result, Rejected):
-          rejected.append(result)
-        else:
-          spill.add(result)
-        meter.step()
-    finally:
-      spill.close()
-      meter.finish()
-    files_read = meter.done
-    if files_read == len(rejected):
-      raise cli.UsageError(_nothing_valid_message(opened.spec, rejected))
-
-    totals = {name: _split_totals(spill, name) for name in contract.SPLITS}
-    ranges = split_ranges(split)
-    try:
-      tf.io.gfile.makedirs(directory)
-      _remove_leftovers(directory)
-      splits = {}
-      for name, total in totals.items():
-        count = choose_num_shards(total.num_bytes, total.num_examples, shard_size_mb,
-                                  num_shards)
-        lengths = _write_split(spill, name, ranges[name], count, directory)
-        splits[name] = {'shard_lengths': lengths, 'num_bytes': total.num_bytes}
-      _write_tfds_metadata(directory, storage, splits)
-      elapsed = time.monotonic() - start
-      summary = _summary(directory, opened.spec, totals, rejected, files_read, elapsed)
-      _write_json(posixpath.join(directory, contract.MANIFEST_NAME),
-                  _manifest(storage, splits, source_info, flags, totals, rejected, summary))
-    except (tf.errors.OpError, OSError) as e:
-      raise cli.UsageError(f'could not write the records to {directory}: {e}') from None
+  conversion = Conversion(
+      directory=directory,
+      options=ConvertOptions(split=split, storage=storage, jpeg_quality=jpeg_quality),
+      shard_size_mb=shard_size_mb, num_shards=num_shards)
+  if runner is None:
+    runner = functools.partial(run_local, workers=workers or os.cpu_count() or 1,
+                               progress=progress)
+  outcome = runner(conversion, opened)
+  with writing_to(directory):
+    splits = {name: {'shard_lengths': outcome.shard_lengths[name],
+                     'num_bytes': outcome.totals[name].num_bytes}
+              for name in contract.SPLITS}
+    _write_tfds_metadata(directory, storage, splits)
+    elapsed = time.monotonic() - start
+    summary = _summary(directory, opened.spec, outcome.totals, outcome.rejected,
+                       outcome.files_read, elapsed)
+    _write_json(posixpath.join(directory, contract.MANIFEST_NAME),
+                _manifest(storage, splits, source_info, flags, outcome.totals,
+                          outcome.rejected, summary))
   return summary
 
 
@@ -622,7 +740,7 @@ def _nothing_valid_message(spec: str, rejected: list[Rejected]) -> str:
   return f'no valid images in source {spec!r}: all {len(rejected)} files rejected ({reasons})'
 
 
-def _summary(directory: str, spec: str, totals: dict[str, _SplitTotals],
+def _summary(directory: str, spec: str, totals: dict[str, SplitTotals],
              rejected: list[Rejected], files_read: int, elapsed: float) -> dict[str, Any]:
   accepted = {name: total.num_examples for name, total in totals.items()}
   return {
@@ -661,6 +779,6 @@ def _manifest(storage, splits, source_info, flags, totals, rejected, summary) ->
       'rejected': [{'file': r.name, 'reason': f'{r.kind}: {r.reason}'}
                    for r in sorted(rejected, key=lambda r: (r.name, r.kind, r.reason))],
       'duplicates': sorted((d for total in totals.values() for d in total.duplicates),
-                           key=lambda d: d['file']),
+                           key=lambda d: (d['file'], d['same_as'])),
       'summary': summary,
   }
