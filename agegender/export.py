@@ -13,10 +13,13 @@ training. It returns `age` (float32 [None], years), `gender_probability`
 
 from __future__ import annotations
 
+import contextlib
+import logging as python_logging
 import os
 import shutil
 
 from absl import flags
+from absl import logging
 import keras
 import tensorflow as tf
 
@@ -65,6 +68,19 @@ def serving_function(model: keras.Model):
   return serve
 
 
+@contextlib.contextmanager
+def _quiet():
+  # SavedModel writing logs each step at INFO; a user needs only the result.
+  verbosity, tf_level = logging.get_verbosity(), tf.get_logger().level
+  logging.set_verbosity(logging.WARNING)
+  tf.get_logger().setLevel(python_logging.WARNING)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+    tf.get_logger().setLevel(tf_level)
+
+
 def export_saved_model(model: keras.Model, export_dir: str) -> str:
   """Writes the serving SavedModel to export_dir (replacing what was there); returns export_dir."""
   archive = keras.export.ExportArchive()
@@ -74,7 +90,8 @@ def export_saved_model(model: keras.Model, export_dir: str) -> str:
   # Written beside the target and moved into place, so a reader never sees half an export.
   partial = f'{export_dir.rstrip(os.sep)}.partial'
   shutil.rmtree(partial, ignore_errors=True)
-  archive.write_out(partial, verbose=False)
+  with _quiet():
+    archive.write_out(partial, verbose=False)
   shutil.rmtree(export_dir, ignore_errors=True)
   os.replace(partial, export_dir)
   return export_dir
