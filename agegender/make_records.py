@@ -3,17 +3,23 @@
   python -m agegender.make_records                       # Kaggle's UTKFace
   python -m agegender.make_records --source=UTKFace.tar.gz --image_size=128
   python -m agegender.make_records --source=synthetic --synthetic_count=3000
+  python -m agegender.make_records --runner=beam --source=gs://bucket/faces \
+      --records_dir=gs://bucket/records \
+      --beam_pipeline_options="--runner=DataflowRunner --project=P --region=R"
 
 Writes <records_dir>/utkface/<version>/ (shards, tfds metadata, manifest.json)
-and prints a summary. See agegender.records for how the records are made.
+and prints a summary. See agegender.records for how the records are made, and
+agegender.beam_records for the Apache Beam runner (the same output, byte for byte).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 from absl import flags
 
+from agegender import beam_records  # Imports apache_beam only when it runs.
 from agegender import cli
 from agegender import records
 
@@ -49,7 +55,13 @@ flags.DEFINE_bool('overwrite', False, 'Replace existing complete records.')
 flags.DEFINE_bool('skip_if_done', False,
                   'Exit 0 when complete records from the same source and flags exist; '
                   'fail when their flags differ.')
-flags.DEFINE_bool('progress', True, 'Show a progress line on stderr.')
+flags.DEFINE_bool('progress', True, 'Show a progress line on stderr (local runner).')
+flags.DEFINE_enum('runner', 'local', ['local', 'beam'],
+                  "Where the conversion runs: 'local' (this machine's cores) or 'beam' "
+                  "(an Apache Beam pipeline; needs pip install -e '.[beam]').")
+flags.DEFINE_string('beam_pipeline_options', beam_records.DEFAULT_PIPELINE_OPTIONS,
+                    'With --runner=beam: options handed to Beam unchanged, e.g. '
+                    '"--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp".')
 
 FLAGS = flags.FLAGS
 
@@ -64,7 +76,11 @@ def _split(values: list[str]) -> tuple[float, ...]:
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  summary = records.convert(
+  convert = records.convert
+  if FLAGS.runner == 'beam':
+    convert = functools.partial(beam_records.convert,
+                                pipeline_options=FLAGS.beam_pipeline_options)
+  summary = convert(
       FLAGS.source, FLAGS.records_dir, split=_split(FLAGS.split),
       image_format=FLAGS.image_format, image_size=FLAGS.image_size,
       jpeg_quality=FLAGS.jpeg_quality, shard_size_mb=FLAGS.shard_size_mb,

@@ -147,7 +147,10 @@ def decode_image(data: bytes) -> Image.Image:
     raise _ImageRejected(EMPTY, 'the file has no bytes')
   try:
     image = Image.open(io.BytesIO(data))
-  except (Image.UnidentifiedImageError, Image.DecompressionBombError) as e:
+  except Image.UnidentifiedImageError:
+    # PIL's message names the buffer's address, which would differ between runs.
+    raise _ImageRejected(NOT_AN_IMAGE, 'cannot identify image file') from None
+  except Image.DecompressionBombError as e:
     raise _ImageRejected(NOT_AN_IMAGE, str(e)) from None
   try:
     image.load()

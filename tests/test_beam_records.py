@@ -1,0 +1,183 @@
+"""beam_records: the Beam runner writes the local runner's output, byte for byte.
+
+Beam start-up is slow, so one module fixture runs each conversion once (local
+and DirectRunner, on the synthetic set and on a folder with copies and bad
+files) and the tests compare what they wrote.
+"""
+
+import contextlib
+import io
+import json
+import os
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+from absl import flags
+from absl.testing import flagsaver
+
+from agegender import beam_records, cli, contract, labels, make_records, records, synthetic
+
+BEAM_OPTIONS = ('--runner=DirectRunner --direct_num_workers=2 '
+                '--direct_running_mode=multi_processing')
+TIMINGS = ('elapsed_s', 'images_per_s', 'records_dir')
+
+
+def _write_folder(root, files):
+  for name, data in files.items():
+    path = os.path.join(root, *name.split('/'))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(data)
+  return str(root)
+
+
+def _folder_with_copies_and_bad_files(root):
+  faces = dict(synthetic.generate_synthetic(30, seed=5, image_size=64))
+  files = {f'UTKFace/{name}': data for name, data in faces.items()}
+  files.update({f'crop_part1/{name}': faces[name] for name in sorted(faces)[:6]})
+  data = faces[sorted(faces)[0]]
+  files.update({
+      'bad/not_a_utkface_name.jpg': data,
+      'bad/130_0_0_20170101000000001.jpg': data,
+      'bad/30_0_0_20170101000000002.jpg': b'',
+      'bad/30_1_0_20170101000000003.jpg': data[:len(data) // 2],
+      'bad/30_0_1_20170101000000004.jpg': b'plain text, not an image',
+      '.hidden/30_0_1_20170101000000005.jpg': data,
+  })
+  return _write_folder(root, files)
+
+
+def _run_make_records(*args):
+  """The entry point in this process; returns (exit status, stdout, stderr)."""
+  out, err = io.StringIO(), io.StringIO()
+  argv = sys.argv
+  sys.argv = ['make_records', '--noprogress', *args]
+  try:
+    with flagsaver.flagsaver(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      with pytest.raises(SystemExit) as exited:
+        cli.run(make_records.main)
+      flags.FLAGS.unparse_flags()
+  finally:
+    sys.argv = argv
+  return exited.value.code, out.getvalue(), err.getvalue()
+
+
+def _files(directory):
+  result = {}
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), 'rb') as f:
+      result[name] = f.read()
+  return result
+
+
+def _without_timings(manifest):
+  manifest = json.loads(manifest)
+  for key in TIMINGS:
+    manifest['summary'].pop(key)
+  return manifest
+
+
+@pytest.fixture(scope='module')
+def outputs(tmp_path_factory):
+  """{'synthetic' | 'folder': {'local' | 'beam': (data set folder, summary or printout)}}."""
+  pytest.importorskip('apache_beam', reason="Apache Beam is not installed: pip install -e '.[beam]'")
+  root = tmp_path_factory.mktemp('beam')
+  folder = _folder_with_copies_and_bad_files(root / 'src')
+  result = {'synthetic': {}, 'folder': {}}
+
+  # The synthetic set through the library, with several shards per split.
+  kwargs = dict(synthetic_count=60, seed=3, shard_size_mb=0.05)
+  for runner, convert in (('local', records.convert),
+                          ('beam', lambda *a, **k: beam_records.convert(
+                              *a, pipeline_options=BEAM_OPTIONS, **k))):
+    out = str(root / f'synthetic-{runner}')
+    summary = convert('synthetic', out, progress=False, **kwargs)
+    result['synthetic'][runner] = (contract.dataset_dir(out), summary)
+
+  # The folder through the command line, printout included.
+  for runner in ('local', 'beam'):
+    out = str(root / f'folder-{runner}')
+    status, stdout, stderr = _run_make_records(
+        f'--source={folder}', f'--records_dir={out}', '--num_shards=3', '--image_size=32',
+        f'--runner={runner}', f'--beam_pipeline_options={BEAM_OPTIONS}')
+    assert status in (0, None), stderr
+    result['folder'][runner] = (contract.dataset_dir(out), stdout)
+  return result
+
+
+@pytest.mark.parametrize('source', ['synthetic', 'folder'])
+def test_shards_and_tfds_metadata_are_byte_identical(outputs, source):
+  local, beam = (_files(outputs[source][runner][0]) for runner in ('local', 'beam'))
+  assert local.keys() == beam.keys()
+  assert not [name for name in beam if name.startswith(records.TEMP_PREFIX)]
+  shards = [name for name in local if '.tfrecord-' in name]
+  assert len(shards) > len(contract.SPLITS)  # Several shards in some split.
+  for name in shards + list(records.TFDS_FILES):
+    assert beam[name] == local[name], name
+  assert _without_timings(beam[contract.MANIFEST_NAME]) == _without_timings(
+      local[contract.MANIFEST_NAME])
+
+
+def test_the_library_returns_the_same_summary(outputs):
+  local, beam = (dict(outputs['synthetic'][runner][1]) for runner in ('local', 'beam'))
+  for summary in (local, beam):
+    for key in TIMINGS:
+      summary.pop(key)
+  assert beam == local
+  assert beam['accepted_total'] == 60 and beam['rejected_total'] == 0
+
+
+def test_rejects_and_duplicates_are_reported_alike(outputs):
+  manifests = {runner: contract.read_manifest(outputs['folder'][runner][0])
+               for runner in ('local', 'beam')}
+  beam = manifests['beam']
+  assert beam['rejected'] == manifests['local']['rejected']
+  assert sorted(r['file'] for r in beam['rejected']) == [
+      'bad/130_0_0_20170101000000001.jpg', 'bad/30_0_0_20170101000000002.jpg',
+      'bad/30_0_1_20170101000000004.jpg', 'bad/30_1_0_20170101000000003.jpg',
+      'bad/not_a_utkface_name.jpg']
+  assert beam['summary']['rejected'] == {records.BAD_NAME: 2, records.EMPTY: 1,
+                                         records.NOT_AN_IMAGE: 1, records.TRUNCATED: 1}
+  # Six crop_part1 copies; the hidden folder is not read.
+  assert beam['duplicates'] == manifests['local']['duplicates']
+  assert beam['summary']['duplicates'] == len(beam['duplicates']) == 6
+  assert beam['summary']['accepted_total'] == 30
+
+
+def test_the_printed_summary_is_the_local_one(outputs):
+  local, beam = (outputs['folder'][runner][1].strip().splitlines()
+                 for runner in ('local', 'beam'))
+  assert len(beam) == 5 and beam[0].startswith('make_records: wrote ')
+  assert beam[1:4] == local[1:4]  # Accepted, rejected, duplicates; then timings.
+  assert 'duplicates dropped: 6' in beam[3]
+
+
+@pytest.mark.parametrize('source', ['synthetic', 'folder'])
+def test_tfds_reads_the_beam_output(outputs, source):
+  directory = outputs[source]['beam'][0]
+  manifest = contract.read_manifest(directory)
+  builder = tfds.builder_from_directory(directory)
+  for split in contract.SPLITS:
+    rows = list(tfds.as_numpy(builder.as_dataset(split=split)))
+    assert len(rows) == manifest['splits'][split]['num_examples']
+    for row in rows:
+      parsed = labels.parse_utkface_name(row['file_name'].decode())
+      assert (row['age'], row['gender'], row['race']) == (parsed.age, parsed.gender,
+                                                          parsed.race)
+
+
+def test_without_beam_the_beam_runner_says_how_to_install_it(monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, 'apache_beam', None)  # `import apache_beam` fails.
+  status, _, stderr = _run_make_records('--source=synthetic', '--synthetic_count=5',
+                                        f'--records_dir={tmp_path}', '--runner=beam')
+  lines = stderr.strip().splitlines()
+  assert status == 2 and len(lines) == 1, stderr
+  assert "error: --runner=beam needs Apache Beam" in lines[0]
+  assert "pip install -e '.[beam]'" in lines[0]
+  assert not os.path.exists(contract.dataset_dir(str(tmp_path)))
+  # The local runner never needs it.
+  status, stdout, stderr = _run_make_records('--source=synthetic', '--synthetic_count=5',
+                                             f'--records_dir={tmp_path}')
+  assert status in (0, None), stderr
+  assert 'total 5' in stdout
