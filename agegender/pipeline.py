@@ -27,6 +27,7 @@ strategy place batches on the devices, which also prefetches them to the GPU::
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Callable
 
 from absl import logging
@@ -130,54 +131,112 @@ def _augment_batch(images: tf.Tensor, element_seeds: tf.Tensor, seed: int) -> tf
 # ---------------------------------------------------------------------------
 # Reading shards, each checked against the record count the manifest lists.
 
-def _log_lost_records(path: tf.Tensor, read: tf.Tensor, expected: tf.Tensor) -> tf.Tensor:
-  lost = int(expected) - int(read)
-  logging.warning('skip_corrupt: skipped %d of the %d records of shard %s '
-                  '(corrupt or truncated after record %d)',
-                  lost, int(expected), path.numpy().decode('utf-8'), int(read))
-  return tf.constant(lost, tf.int64)
+def _crc32c_table() -> list[int]:
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    table.append(crc)
+  return table
 
 
-def _check_count(path, read, expected, skip_corrupt: bool) -> tf.Tensor:
-  """At a shard's end: error (or log, with skip_corrupt) if records were lost."""
+_CRC32C_TABLE = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+  """The checksum TFRecord framing stores (CRC-32C, masked)."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def records_after_damage(data: bytes, good: int) -> list[bytes]:
+  """The records of a damaged TFRecord file past its first `good` ones that
+  still pass their checksums. A record whose data fails its checksum is
+  skipped (its length is trusted, since the length has its own checksum); a
+  length that fails its checksum, or a truncated tail, ends the file."""
+  offset = 0
+  for _ in range(good):  # Already read and verified by TFRecordDataset.
+    (length,) = struct.unpack_from('<Q', data, offset)
+    offset += 12 + length + 4
+  records = []
+  while offset + 12 <= len(data):
+    header = data[offset:offset + 8]
+    (length,) = struct.unpack('<Q', header)
+    (header_crc,) = struct.unpack_from('<I', data, offset + 8)
+    if _masked_crc32c(header) != header_crc or offset + 12 + length + 4 > len(data):
+      break
+    record = data[offset + 12:offset + 12 + length]
+    (record_crc,) = struct.unpack_from('<I', data, offset + 12 + length)
+    if _masked_crc32c(record) == record_crc:
+      records.append(record)
+    offset += 12 + length + 4
+  return records
+
+
+def _rescue_records(path: tf.Tensor, read: tf.Tensor, expected: tf.Tensor) -> tf.Tensor:
+  """With skip_corrupt, at the end of a damaged shard: the records past the
+  damage that are whole, and a warning with the count of those skipped."""
+  name = path.numpy().decode('utf-8')
+  with tf.io.gfile.GFile(name, 'rb') as f:
+    rescued = records_after_damage(f.read(), int(read))
+  skipped = int(expected) - int(read) - len(rescued)
+  logging.warning('skip_corrupt: skipped %d corrupt record(s) of the %d in shard %s '
+                  '(read %d before the damage and %d after it)',
+                  skipped, int(expected), name, int(read), len(rescued))
+  return tf.constant(rescued, tf.string, shape=[len(rescued)])
+
+
+def _shard_end(path, read, expected, skip_corrupt: bool) -> tf.Tensor:
+  """The records to add at a shard's end: none when the count is whole;
+  otherwise an error naming the shard, or, with skip_corrupt, those
+  `_rescue_records` finds past the damage."""
   complete = tf.equal(read, expected)
+  nothing = tf.constant([], tf.string)
   if skip_corrupt:
-    return tf.cond(
-        complete, lambda: tf.constant(0, tf.int64),
-        lambda: tf.py_function(_log_lost_records, [path, read, expected], tf.int64))
+    def rescue():
+      records = tf.py_function(_rescue_records, [path, read, expected], tf.string)
+      return tf.ensure_shape(records, [None])
+    return tf.cond(complete, lambda: nothing, rescue)
   message = tf.strings.join([
       'corrupt or truncated shard ', path, ': read ', tf.strings.as_string(read),
       ' of the ', tf.strings.as_string(expected), ' records its manifest lists '
-      '(skip_corrupt=True skips the rest of a damaged shard)'])
+      '(skip_corrupt=True skips corrupt records)'])
   with tf.control_dependencies([tf.debugging.Assert(complete, [message])]):
-    return tf.constant(0, tf.int64)
+    return tf.identity(nothing)
 
 
 def _read_shard(path: tf.Tensor, expected: tf.Tensor, skip_corrupt: bool) -> tf.data.Dataset:
-  """The records of one shard. A corrupt record ends the shard's reading
-  (TFRecord framing cannot be trusted past it); the count the manifest lists
-  then tells a damaged shard from a whole one, and names it. Records are
-  counted in blocks so the check costs next to nothing per record."""
+  """The records of one shard, checked against the count its manifest lists.
+
+  TFRecordDataset stops at the first corrupt record (ignore_errors ends the
+  file there, it does not stall); a short count then tells a damaged shard
+  from a whole one and names it. Records are counted in blocks, so the check
+  costs next to nothing per record.
+  """
   blocks = tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES).ignore_errors()
   blocks = blocks.batch(COUNT_BLOCK).map(lambda block: (block, False))
   end = tf.data.Dataset.from_tensors((tf.constant([], tf.string), True))
 
   def count(read, element):
     block, is_end = element
-    checked = tf.cond(is_end, lambda: _check_count(path, read, expected, skip_corrupt),
-                      lambda: tf.constant(0, tf.int64))
-    with tf.control_dependencies([checked]):
-      return read + tf.size(block, tf.int64), (tf.identity(block), is_end)
+    block = tf.cond(is_end, lambda: _shard_end(path, read, expected, skip_corrupt),
+                    lambda: block)
+    return read + tf.size(block, tf.int64), block
 
-  counted = blocks.concatenate(end).scan(tf.constant(0, tf.int64), count)
-  return counted.filter(lambda block, is_end: tf.logical_not(is_end)).map(
-      lambda block, is_end: block).unbatch()
+  return blocks.concatenate(end).scan(tf.constant(0, tf.int64), count).unbatch()
 
 
-def _split_shards(records_dir: str, split: str, input_context) -> tuple[list[str], list[int]]:
-  manifest = contract.read_manifest(records_dir)
+def _split_shards(manifest: dict[str, Any], split: str,
+                  input_context) -> tuple[list[str], list[int]]:
+  """Paths and record counts of the shards this input pipeline reads."""
   paths = contract.split_shards(manifest, split)
   counts = [int(shard['num_examples']) for shard in manifest['splits'][split]['shards']]
+  if not paths:
+    raise contract.RecordsError(f'split {split!r} of {manifest["directory"]} has no records')
   missing = [path for path in paths if not tf.io.gfile.exists(path)]
   if missing:
     raise contract.RecordsError(
@@ -242,21 +301,23 @@ def make_dataset(records_dir: str,
   int64 [B], 'file_name': string [B]}`.
 
   training: shuffle the shard order every epoch and the records through a
-    buffer of `shuffle_buffer`; augment only if `augment`. One pass over the
-    dataset is one epoch (no repeat). Outside training the order is the
-    manifest's on every run.
+    buffer of `shuffle_buffer` serialized records (the pipeline's main
+    memory: about `shuffle_buffer` times the stored bytes per image); augment
+    only if `augment`. One pass over the dataset is one epoch (no repeat).
+    Outside training the order is the same on every run.
   deterministic: the same order and augmentation on every run, from `seed`.
     Off by default, which lets parallel stages hand out whatever is ready.
   cache: keep the split's serialized records in memory after the first
     epoch (about its size on disk); decoding still runs every epoch.
-  skip_corrupt: a corrupt or truncated shard is read up to its damage and the
-    records lost are logged; by default it is an error naming the shard.
+  skip_corrupt: corrupt records are skipped, and their count logged per
+    shard (absl warning); by default a corrupt or truncated shard is an error
+    naming it.
   input_context: this input pipeline reads shards i, i+n, ... of the split,
     and `batch_size` is the global batch, divided among the replicas.
   """
   manifest = contract.read_manifest(records_dir)
   storage = contract.image_storage(manifest)
-  paths, counts = _split_shards(records_dir, split, input_context)
+  paths, counts = _split_shards(manifest, split, input_context)
   if input_context is not None:
     batch_size = input_context.get_per_replica_batch_size(batch_size)
   shuffle_seed = seed if deterministic else None

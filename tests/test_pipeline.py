@@ -325,25 +325,28 @@ def record_offsets(path):
   return offsets
 
 
-def corrupt_record(path, record):
+def flip_byte(path, record, where):
+  """Flips one byte of a record: in its data (which fails the data checksum)
+  or in its length (which fails the length checksum)."""
   start, length = record_offsets(path)[record]
+  position = start + 12 + length // 2 if where == 'data' else start + 2
   data = bytearray(open(path, 'rb').read())
-  data[start + 12 + length // 2] ^= 0xFF  # A data byte: its CRC no longer matches.
+  data[position] ^= 0xFF
   open(path, 'wb').write(bytes(data))
 
 
-@pytest.fixture
-def damaged_records(tmp_path):
+@pytest.fixture(params=['data', 'length'])
+def damaged_records(request, tmp_path):
   root = write_records(tmp_path, STORAGES['raw_at_size'])
   shard = contract.split_shards(contract.read_manifest(root), 'train')[1]
-  corrupt_record(shard, 3)
-  return root, shard
+  flip_byte(shard, 3, request.param)
+  return root, shard, request.param
 
 
 def test_corrupt_record_fails_naming_the_shard(damaged_records):
-  root, shard = damaged_records
+  root, shard, _ = damaged_records
   dataset = pipeline.make_dataset(root, 'train', batch_size=4, training=True, image_size=SIZE)
-  with pytest.raises(tf.errors.OpError, match=os.path.basename(shard)):
+  with pytest.raises(tf.errors.OpError, match=f'{os.path.basename(shard)}: read 3 of the 8'):
     for _ in dataset:
       pass
 
@@ -359,24 +362,30 @@ def test_truncated_shard_fails_naming_the_shard(tmp_path):
 
 
 def test_skip_corrupt_moves_on_counts_and_logs(damaged_records, caplog):
-  root, shard = damaged_records
+  root, shard, where = damaged_records
   dataset = pipeline.make_dataset(root, 'train', batch_size=4, training=True, image_size=SIZE,
                                   skip_corrupt=True, include_metadata=True)
   result = []
   # Hang guard: ignore_errors on a corrupt TFRecord has stalled in some TensorFlow versions.
-  reader = threading.Thread(target=lambda: result.append(names_of(epoch(dataset))),
-                            daemon=True)
+  reader = threading.Thread(target=lambda: result.append(epoch(dataset)), daemon=True)
   with caplog.at_level(logging.WARNING):
     reader.start()
     reader.join(timeout=60)
   assert not reader.is_alive(), 'iteration over a corrupt shard did not finish'
-  (names,) = result
-  # The shard is read up to its corrupt fourth record: 3 of its 8 records remain.
-  assert len(names) == NUM_TRAIN - 5 and len(set(names)) == len(names)
+  (batches,) = result
+  # A corrupt record's data: that record alone is lost. A corrupt length: the
+  # framing past it cannot be trusted, so the rest of the shard is.
+  skipped, after = (1, 4) if where == 'data' else (5, 0)
+  names = names_of(batches)
+  assert len(names) == NUM_TRAIN - skipped and len(set(names)) == len(names)
   assert set(names) <= {file_name_of(i) for i in range(NUM_TRAIN)}
+  for images, targets, _ in batches:  # Rescued records are whole.
+    for image, age, gender in zip(images, targets['age_output'][:, 0],
+                                  targets['gender_output'][:, 0]):
+      assert labels_from_image(image) == (age, gender)
   messages = [r.getMessage() for r in caplog.records if 'skip_corrupt' in r.getMessage()]
-  assert len(messages) == 1
-  assert f'skipped 5 of the 8 records of shard {shard}' in messages[0]
+  assert messages == [f'skip_corrupt: skipped {skipped} corrupt record(s) of the 8 in shard '
+                      f'{shard} (read 3 before the damage and {after} after it)']
 
 
 def test_missing_shard_and_records_are_clear_errors(tmp_path):
@@ -385,6 +394,10 @@ def test_missing_shard_and_records_are_clear_errors(tmp_path):
   root = write_records(tmp_path / 'records', STORAGES['raw_at_size'])
   with pytest.raises(contract.RecordsError, match='unknown split'):
     pipeline.make_dataset(root, 'test')
+  empty = write_records(tmp_path / 'empty', STORAGES['raw_at_size'],
+                        splits=(('train', 1, 2), ('validation', 0, 0)))
+  with pytest.raises(contract.RecordsError, match="'validation'.*has no records"):
+    pipeline.make_dataset(empty, 'validation')
   shard = contract.split_shards(contract.read_manifest(root), 'train')[0]
   os.remove(shard)
   with pytest.raises(contract.RecordsError, match='missing'):
