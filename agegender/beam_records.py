@@ -76,14 +76,6 @@ def _folder_of(source: sources.Source) -> str | None:
   return None
 
 
-def list_folder(root: str) -> Iterator[tuple[str, str]]:
-  """(name, path) of a folder's files: the local runner's listing, names included."""
-  # pylint: disable=protected-access
-  if '://' in root:
-    return sources._gfile_folder_files(root)
-  return sources._folder_files(root)
-
-
 def read_file(name: str, path: str) -> tuple[str, bytes]:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   with tf.io.gfile.GFile(path, 'rb') as f:
@@ -203,7 +195,7 @@ def build_pipeline(beam, entries, conversion: records.Conversion, report_path: s
 def _read_entries(beam, pipeline, folder: str | None, staged: list[str]):
   if folder is not None:
     return (pipeline | 'Folder' >> beam.Create([folder])
-            | 'List' >> beam.FlatMap(list_folder)
+            | 'List' >> beam.FlatMap(sources.folder_files)
             | 'SpreadFiles' >> beam.Reshuffle()
             | 'Read' >> beam.MapTuple(read_file))
   return (pipeline | 'Staged' >> beam.Create(staged)

@@ -130,7 +130,17 @@ def _kaggle_source() -> Source:
   return dataclasses.replace(source, kind=KAGGLE)
 
 
-def _folder_files(root: str) -> Iterator[tuple[str, str]]:
+def folder_files(root: str) -> Iterator[tuple[str, str]]:
+  """(name relative to root, full path) of every file under a local or gs:// folder.
+
+  The one listing every runner uses, so they all see the same names in the same order.
+  """
+  if '://' in root:
+    return _gfile_folder_files(root)
+  return _local_folder_files(root)
+
+
+def _local_folder_files(root: str) -> Iterator[tuple[str, str]]:
   """(name relative to root, full path) of every file, in a stable order."""
   for directory, subdirectories, files in os.walk(root):
     subdirectories.sort()
@@ -144,10 +154,10 @@ def _folder_files(root: str) -> Iterator[tuple[str, str]]:
 
 def _folder_source(root: str, spec: str) -> Source:
   def entries():
-    for name, path in _folder_files(root):
+    for name, path in _local_folder_files(root):
       with open(path, 'rb') as f:
         yield name, f.read()
-  total = sum(1 for _ in _folder_files(root))
+  total = sum(1 for _ in _local_folder_files(root))
   return Source(spec=spec, kind='folder', location=root, total=total, _entries=entries)
 
 
