@@ -63,12 +63,14 @@ flags.DEFINE_float('gender_loss_weight', 1.0, 'Weight of the gender loss in the 
 flags.DEFINE_float('age_loss_weight', 1.0, 'Weight of the age loss in the total loss.')
 flags.DEFINE_enum('age_loss', 'mse', list(model_lib.AGE_LOSSES),
                   'Age loss: mse (the reference), mae or huber (delta 5 years).')
-flags.DEFINE_bool('augment', False, 'Random flips and colour jitter on training images.')
+flags.DEFINE_bool('augment', False, 'Random flips, brightness, contrast and small shifts of '
+                  'training images.')
 flags.DEFINE_integer('shuffle_buffer', 10_000, 'Training shuffle buffer, in examples.')
 flags.DEFINE_integer('seed', 0, 'Seed of the weights, the shuffle and the augmentation.')
 flags.DEFINE_bool('deterministic', False,
                   'Deterministic input order and ops (same seed, same run); slower.')
-flags.DEFINE_bool('cache', False, 'Cache decoded validation and training images in memory.')
+flags.DEFINE_bool('cache', False, 'Keep the serialized records in memory after the first '
+                  'epoch (decoding still runs every epoch).')
 flags.DEFINE_bool('mixed_precision', False,
                   'mixed_float16 compute (for GPUs); the output heads stay float32.')
 flags.DEFINE_bool('jit_compile', False, 'Compile the training step with XLA.')
@@ -305,6 +307,25 @@ def _resuming(config: TrainConfig) -> bool:
   return os.path.exists(os.path.join(config.path(BACKUP_DIR), 'training_metadata.json'))
 
 
+# A resumed run must build the same model its saved state came from.
+_ARCHITECTURE = ('model', 'weights', 'image_size', 'filters', 'dense_units', 'dropout',
+                 'mixed_precision')
+
+
+def _check_same_model(config: TrainConfig) -> None:
+  try:
+    with open(config.path(CONFIG_FILE)) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return
+  current = json.loads(json.dumps(dataclasses.asdict(config)))  # Tuples as JSON lists.
+  changed = [name for name in _ARCHITECTURE if saved.get(name) != current[name]]
+  if changed:
+    raise cli.UsageError(
+        f'{config.model_dir} holds a run of another model ({", ".join(changed)} differ); '
+        'choose another --model_dir, or delete it to start over')
+
+
 def _best_so_far(config: TrainConfig, resuming: bool) -> float | None:
   """On resume, the best validation age MAE already saved, so a worse epoch cannot replace it."""
   if not resuming or not os.path.exists(config.path(MODEL_FILE)):
@@ -392,6 +413,8 @@ def train_and_evaluate(config: TrainConfig, extra_callbacks: Sequence = ()) -> d
   from agegender import evaluate  # pylint: disable=g-import-not-at-top
   from agegender import export  # pylint: disable=g-import-not-at-top
   sizes = check_config(config)
+  if _resuming(config):
+    _check_same_model(config)
   os.makedirs(config.model_dir, exist_ok=True)
   _write_config(config)
   history = fit(config, sizes, extra_callbacks)

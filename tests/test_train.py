@@ -116,6 +116,13 @@ def test_a_finished_run_started_again_trains_no_more(trained_run, tiny_config):
   assert _epochs_in_history(trained_run['model_dir']) == list(range(6))
 
 
+def test_resuming_with_another_model_is_a_usage_error(trained_run):
+  config = json.load(open(os.path.join(trained_run['model_dir'], 'config.json')))
+  other = train.TrainConfig(**{**config, 'filters': (8, 8, 8), 'export': False})
+  with pytest.raises(cli.UsageError, match='filters differ'):
+    train.train_and_evaluate(other)
+
+
 # ---- Flags. ----
 
 @pytest.fixture
