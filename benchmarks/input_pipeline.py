@@ -13,17 +13,22 @@ with --source), each measured in its own process so peak memory does not mix:
 3. make_dataset over records in each image storage (source JPEG, JPEG at 128,
    raw at 128), training mode (shard shuffle, interleave, record shuffle).
 
-Rates are the best of --epochs passes. Then peak memory of the pipeline and
-of the in-RAM loader over --sizes images of the same data.
+Rates are the best of --epochs passes in each of --rounds rounds (the methods
+take turns, so that load from elsewhere on a shared machine does not favor
+one). Peak memory is VmHWM (peak resident set) of the measuring process.
+Then peak memory of the pipeline and of the in-RAM loader over --sizes
+images of the same data.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +46,7 @@ flags.DEFINE_string('json', None, 'Write the figures to this JSON file.')
 flags.DEFINE_integer('batch_size', 128, 'Batch size of the tf.data measurements.')
 flags.DEFINE_integer('image_size', 128, 'Side of the model input.')
 flags.DEFINE_integer('epochs', 3, 'Passes per tf.data measurement; the best counts.')
+flags.DEFINE_integer('rounds', 2, 'Rounds of the speed comparison; the best counts.')
 flags.DEFINE_integer('num_shards', 8, 'Shards per set of records.')
 flags.DEFINE_list('memory_shuffle_buffers', ['10000', '1000'],
                   'Record shuffle buffers of the pipeline in the memory comparison.')
@@ -187,11 +193,17 @@ def subset(images_dir: str, directory: str, count: int) -> str:
   paths = _image_paths(images_dir)
   if len(paths) < count:
     raise cli.UsageError(f'{images_dir} has {len(paths)} JPEGs; {count} are needed')
+  wanted = {os.path.basename(p): os.path.abspath(p) for p in paths[:count]}
+  if os.path.isdir(directory) and set(os.listdir(directory)) != set(wanted):
+    # Left by a run over other images: it and the records made from it are stale.
+    shutil.rmtree(directory)
+    for stale in glob.glob(os.path.join(os.path.dirname(directory), f'records-{count}-*')):
+      shutil.rmtree(stale)
   os.makedirs(directory, exist_ok=True)
-  for path in paths[:count]:
-    link = os.path.join(directory, os.path.basename(path))
-    if not os.path.exists(link):
-      os.symlink(os.path.abspath(path), link)
+  for name, target in wanted.items():
+    link = os.path.join(directory, name)
+    if not os.path.lexists(link):
+      os.symlink(target, link)
   return directory
 
 
@@ -222,17 +234,32 @@ def machine() -> str:
   return f'{os.cpu_count()}-core CPU ({model})'
 
 
+def _best_of(results: list[dict]) -> dict:
+  best = dict(max(results, key=lambda r: r['images_per_s']))
+  best['round_rates'] = [r['images_per_s'] for r in results]
+  best['peak_rss_mb'] = max(r['peak_rss_mb'] for r in results)
+  return best
+
+
 def speed_comparison(work: str, images_dir: str) -> list[dict]:
+  """Each method once per round, the rounds one after another, so that a
+  busy moment on a shared machine does not favor one method; the best round
+  counts."""
   images = subset(images_dir, os.path.join(work, f'images-{FLAGS.count}'), FLAGS.count)
-  rows = [dict(method='in-RAM loader (PIL + NumPy)', **measure_in_child('inram', images_dir=images)),
-          dict(method='decode limit (tf.data, bytes in memory)',
-               **measure_in_child('decode', images_dir=images))]
+  methods = [('in-RAM loader (PIL + NumPy)', {}, 'inram', {'images_dir': images}),
+             ('decode limit (tf.data, bytes in memory)', {}, 'decode', {'images_dir': images})]
   for label, image_format, size in STORAGES:
     records_dir, stored = make_records(
         images, os.path.join(work, f'records-{FLAGS.count}-{image_format}-{size}'),
         image_format, size)
-    rows.append(dict(method=f'pipeline, {label} records', storage=label, **stored,
-                     **measure_in_child('pipeline', records_dir=records_dir)))
+    methods.append((f'pipeline, {label} records', dict(storage=label, **stored), 'pipeline',
+                    {'records_dir': records_dir}))
+  results = {method: [] for method, *_ in methods}
+  for _ in range(FLAGS.rounds):
+    for method, _, kind, paths in methods:
+      results[method].append(measure_in_child(kind, **paths))
+  rows = [dict(method=method, **extra, **_best_of(results[method]))
+          for method, extra, *_ in methods]
   inram, decode = rows[0]['images_per_s'], rows[1]['images_per_s']
   for row in rows:
     row['vs_decode_limit'] = row['images_per_s'] / decode
