@@ -22,7 +22,9 @@ another) to start over.
 The training loop is `train_and_evaluate(config)`, a function of plain
 arguments; the flags below are turned into its TrainConfig in
 `config_from_flags` and nowhere else. The distribution strategy is chosen in
-`make_strategy` alone.
+`make_strategy` alone, and every strategy runs the same Keras `fit`. The age
+head starts at the training split's mean age (its bias), so that the first
+epochs learn faces rather than the scale of years.
 """
 
 from __future__ import annotations
@@ -289,7 +291,7 @@ def plot_learning_curves(rows: list[dict[str, float]], path: str) -> str | None:
             ('age_output_mae', 'age MAE (years)'))
   epochs = [int(row['epoch']) + 1 for row in rows]
   figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
-  for axis, (key, title) in zip(axes, panels):
+  for axis, (key, title) in zip(axes, panels, strict=True):
     for prefix, label in (('', 'train'), ('val_', 'validation')):
       values = [row.get(prefix + key, math.nan) for row in rows]
       axis.plot(epochs, values, marker='o', markersize=3, label=label)
@@ -397,9 +399,9 @@ def fit(config: TrainConfig, sizes: dict[str, int], extra_callbacks: Sequence = 
     model = _build_compiled_model(
         config, initial_age=evaluate.label_statistics(config.records_dir, 'train')['mean_age'])
   return model.fit(
-      training_input(config, strategy),
-      validation_data=validation_input(config, sizes['validation']), shuffle=False, epochs=config.epochs,
+      training_input(config, strategy), epochs=config.epochs,
       steps_per_epoch=math.ceil(sizes['train'] / config.batch_size),
+      validation_data=validation_input(config, sizes['validation']), shuffle=False,
       callbacks=make_callbacks(config, resuming) + list(extra_callbacks),
       verbose=config.verbose)
 

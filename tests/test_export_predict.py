@@ -41,7 +41,7 @@ def _keras_outputs_on_pipeline(model, records_dir, image_size):
     predicted = model.predict_on_batch(images)
     for name, age, female in zip(metadata['file_name'].numpy(),
                                  predicted['age_output'].reshape(-1),
-                                 predicted['gender_output'].reshape(-1)):
+                                 predicted['gender_output'].reshape(-1), strict=True):
       outputs[name.decode()] = (age, female)
   return outputs
 
@@ -50,7 +50,7 @@ def test_the_saved_model_on_raw_bytes_matches_keras_on_the_pipeline(trained_run,
                                                                     synthetic_records):
   model = export.load_keras_model(trained_run['model_dir'])
   serve = export.load_serving_function(trained_run['export_dir'])
-  names, encoded = zip(*_test_records(synthetic_records))
+  names, encoded = zip(*_test_records(synthetic_records), strict=True)
   served = serve(image_bytes=tf.constant(encoded))
   expected = _keras_outputs_on_pipeline(model, synthetic_records, export.image_size_of(model))
   assert set(expected) == set(names)
