@@ -71,9 +71,16 @@ def stored_image(index, storage):
   return encode(fixture_pixels(index, 40 + 7 * (index % 6), 48 + 5 * (index % 4)), quality=95)
 
 
+FIRST_DATETIME = 20170101000000000
+
+
 def file_name_of(index):
   age, gender, race = labels_of(index)
-  return f'{age}_{gender}_{race}_{20170101000000000 + index}.jpg.chip.jpg'
+  return f'{age}_{gender}_{race}_{FIRST_DATETIME + index}.jpg.chip.jpg'
+
+
+def index_of(file_name):
+  return int(file_name.decode().split('_')[3].split('.')[0]) - FIRST_DATETIME
 
 
 def write_records(root, storage, splits=(('train', SHARDS, PER_SHARD),
@@ -124,7 +131,7 @@ def all_names(serialized):
 
 
 def epoch(dataset):
-  """One pass as numpy: (images, gender, age, metadata) batches."""
+  """One pass as numpy: a list of (images, targets[, metadata]) batches."""
   return [tuple(element) for element in dataset.as_numpy_iterator()]
 
 
@@ -158,7 +165,7 @@ def test_metadata_and_drop_remainder(records):
   assert set(metadata) == {'race', 'file_name', 'age', 'gender'}
   for name, age, gender, race in zip(metadata['file_name'], metadata['age'],
                                      metadata['gender'], metadata['race']):
-    index = int(name.decode().split('_')[3].split('.')[0]) - 20170101000000000
+    index = index_of(name)
     assert (age, gender, race) == labels_of(index)
   np.testing.assert_array_equal(targets['age_output'][:, 0], metadata['age'])
   np.testing.assert_array_equal(targets['gender_output'][:, 0], metadata['gender'])
@@ -252,7 +259,7 @@ def test_pipeline_jpeg_decode_equals_preprocess_encoded_image(storage, tmp_path)
                                   include_metadata=True)
   (images, _, metadata), = epoch(dataset)
   for image, name in zip(images, metadata['file_name']):
-    index = int(name.decode().split('_')[3].split('.')[0]) - 20170101000000000
+    index = index_of(name)
     expected = pipeline.preprocess_encoded_image(stored_image(index, STORAGES[storage]), SIZE)
     np.testing.assert_array_equal(image, expected.numpy())
 
@@ -263,7 +270,7 @@ def test_raw_storage_equals_normalize_image_of_the_pixels(tmp_path):
                                   include_metadata=True)
   (images, _, metadata), = epoch(dataset)
   for image, name in zip(images, metadata['file_name']):
-    index = int(name.decode().split('_')[3].split('.')[0]) - 20170101000000000
+    index = index_of(name)
     pixels = fixture_pixels(index, SIZE, SIZE)
     np.testing.assert_array_equal(image, pixels * np.float32(1 / 255))
 
