@@ -46,52 +46,74 @@ from agegender import model as model_lib
 
 STRATEGIES = ('auto', 'one_device', 'mirrored')
 
-flags.DEFINE_string('records_dir', 'records', 'Records written by agegender.make_records.')
-flags.DEFINE_string('model_dir', None, 'Where the run writes everything (default: runs/<model>).')
-flags.DEFINE_enum('model', model_lib.SEED_CNN, list(model_lib.MODELS), 'The model to train.')
-flags.DEFINE_enum('weights', 'none', list(model_lib.WEIGHTS),
-                  'Initial weights of a keras.applications backbone (imagenet is downloaded).')
-flags.DEFINE_integer('image_size', contract.DEFAULT_IMAGE_SIZE,
-                     'Side of the square input images, in pixels.')
-flags.DEFINE_list('filters', None,
-                  'Conv filters per block (default 64,128,256 for seed_cnn, 16,32,64 for tiny).')
-flags.DEFINE_integer('dense_units', None,
-                     'Units of the dense layer before the heads (default 256; 32 for tiny).')
-flags.DEFINE_float('dropout', None, 'Dropout rate before the heads (default 0.5; 0 for tiny).')
-flags.DEFINE_integer('epochs', 10, 'Epochs to train (a resumed run ends at the same epoch).')
-flags.DEFINE_integer('batch_size', 128, 'Global batch size (split over the replicas).')
-flags.DEFINE_float('learning_rate', 1e-4, 'Adam learning rate.')
-flags.DEFINE_float('gender_loss_weight', 1.0, 'Weight of the gender loss in the total loss.')
-flags.DEFINE_float('age_loss_weight', 1.0, 'Weight of the age loss in the total loss.')
-flags.DEFINE_enum('age_loss', 'mse', list(model_lib.AGE_LOSSES),
-                  'Age loss: mse (the reference), mae or huber (delta 5 years).')
-flags.DEFINE_bool('augment', False, 'Random flips, brightness, contrast and small shifts of '
-                  'training images.')
-flags.DEFINE_integer('shuffle_buffer', 10_000, 'Training shuffle buffer, in examples.')
-flags.DEFINE_integer('seed', 0, 'Seed of the weights, the shuffle and the augmentation.')
-flags.DEFINE_bool('deterministic', False,
-                  'Deterministic input order and ops (same seed, same run); slower.')
-flags.DEFINE_bool('cache', False, 'Keep the serialized records in memory after the first '
-                  'epoch (decoding still runs every epoch).')
-flags.DEFINE_bool('mixed_precision', False,
-                  'mixed_float16 compute (for GPUs); the output heads stay float32.')
-flags.DEFINE_bool('jit_compile', False, 'Compile the training step with XLA.')
-flags.DEFINE_integer('steps_per_execution', 1, 'Training steps per tf.function call.')
-flags.DEFINE_enum('distribution_strategy', 'auto', list(STRATEGIES),
-                  'auto: MirroredStrategy over all local GPUs when there are several, else '
-                  'the default device; one_device: the first GPU (or the CPU); '
-                  'mirrored: MirroredStrategy over all local GPUs.')
-flags.DEFINE_integer('early_stopping_patience', 0,
-                     'Stop after this many epochs without a better validation age MAE (0: off).')
-flags.DEFINE_integer('reduce_lr_patience', 0,
-                     'Multiply the learning rate by --reduce_lr_factor after this many epochs '
-                     'without a better validation age MAE (0: off).')
-flags.DEFINE_float('reduce_lr_factor', 0.5, 'Learning-rate reduction factor.')
-flags.DEFINE_float('min_learning_rate', 1e-6, 'Lowest learning rate the reduction goes to.')
-flags.DEFINE_bool('tensorboard', True, 'Write TensorBoard logs to MODEL_DIR/logs.')
-flags.DEFINE_bool('export', True, 'Export the serving SavedModel to MODEL_DIR/export.')
-flags.DEFINE_integer('verbose', 1, 'Keras progress: 0 silent, 1 progress bar, 2 a line per epoch.')
-FLAGS = flags.FLAGS
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the command line's flags; console_main calls it.
+
+  Not at import: agegender.make_records defines some of the same names
+  (records_dir, image_size, seed), and a process that imports both modules as
+  libraries (a test session, a later tool) must not see them collide.
+  """
+  own = {'flag_values': flag_values}
+  flags.DEFINE_string('records_dir', 'records', 'Records written by agegender.make_records.',
+                      **own)
+  flags.DEFINE_string('model_dir', None,
+                      'Where the run writes everything (default: runs/<model>).', **own)
+  flags.DEFINE_enum('model', model_lib.SEED_CNN, list(model_lib.MODELS), 'The model to train.',
+                    **own)
+  flags.DEFINE_enum('weights', 'none', list(model_lib.WEIGHTS),
+                    'Initial weights of a keras.applications backbone (imagenet: downloaded).',
+                    **own)
+  flags.DEFINE_integer('image_size', contract.DEFAULT_IMAGE_SIZE,
+                       'Side of the square input images, in pixels.', **own)
+  flags.DEFINE_list('filters', None,
+                    'Conv filters per block (default 64,128,256; 16,32,64 for tiny).', **own)
+  flags.DEFINE_integer('dense_units', None,
+                       'Units of the dense layer before the heads (default 256; 32 for tiny).',
+                       **own)
+  flags.DEFINE_float('dropout', None, 'Dropout before the heads (default 0.5; 0 for tiny).',
+                     **own)
+  flags.DEFINE_integer('epochs', 10, 'Epochs to train (a resumed run ends at the same epoch).',
+                       **own)
+  flags.DEFINE_integer('batch_size', 128, 'Global batch size (split over the replicas).', **own)
+  flags.DEFINE_float('learning_rate', 1e-4, 'Adam learning rate.', **own)
+  flags.DEFINE_float('gender_loss_weight', 1.0, 'Weight of the gender loss in the total loss.',
+                     **own)
+  flags.DEFINE_float('age_loss_weight', 1.0, 'Weight of the age loss in the total loss.', **own)
+  flags.DEFINE_enum('age_loss', 'mse', list(model_lib.AGE_LOSSES),
+                    'Age loss: mse (the reference), mae or huber (delta 5 years).', **own)
+  flags.DEFINE_bool('augment', False,
+                    'Random flips, brightness, contrast and small shifts of training images.',
+                    **own)
+  flags.DEFINE_integer('shuffle_buffer', 10_000, 'Training shuffle buffer, in examples.', **own)
+  flags.DEFINE_integer('seed', 0, 'Seed of the weights, the shuffle and the augmentation.',
+                       **own)
+  flags.DEFINE_bool('deterministic', False,
+                    'Deterministic input order and ops (same seed, same run); slower.', **own)
+  flags.DEFINE_bool('cache', False, 'Keep the serialized records in memory after the first '
+                    'epoch (decoding still runs every epoch).', **own)
+  flags.DEFINE_bool('mixed_precision', False,
+                    'mixed_float16 compute (for GPUs); the output heads stay float32.', **own)
+  flags.DEFINE_bool('jit_compile', False, 'Compile the training step with XLA.', **own)
+  flags.DEFINE_integer('steps_per_execution', 1, 'Training steps per tf.function call.', **own)
+  flags.DEFINE_enum('distribution_strategy', 'auto', list(STRATEGIES),
+                    'auto: MirroredStrategy over all local GPUs when there are several, else '
+                    'the default device; one_device: the first GPU (or the CPU); '
+                    'mirrored: MirroredStrategy over all local GPUs.', **own)
+  flags.DEFINE_integer('early_stopping_patience', 0,
+                       'Stop after this many epochs without a better validation age MAE '
+                       '(0: off).', **own)
+  flags.DEFINE_integer('reduce_lr_patience', 0,
+                       'Multiply the learning rate by --reduce_lr_factor after this many epochs '
+                       'without a better validation age MAE (0: off).', **own)
+  flags.DEFINE_float('reduce_lr_factor', 0.5, 'Learning-rate reduction factor.', **own)
+  flags.DEFINE_float('min_learning_rate', 1e-6, 'Lowest learning rate the reduction goes to.',
+                     **own)
+  flags.DEFINE_bool('tensorboard', True, 'Write TensorBoard logs to MODEL_DIR/logs.', **own)
+  flags.DEFINE_bool('export', True, 'Export the serving SavedModel to MODEL_DIR/export.', **own)
+  flags.DEFINE_integer('verbose', 1,
+                       'Keras progress: 0 silent, 1 progress bar, 2 a line per epoch.', **own)
+
 
 # The quantity that picks the best model, reduces the learning rate and stops early.
 MONITOR = 'val_age_output_mae'
@@ -156,7 +178,7 @@ def _integers(values: Sequence[str] | None, flag: str) -> tuple[int, ...] | None
                          f'got {",".join(values)}') from None
 
 
-def config_from_flags(flag_values=FLAGS) -> TrainConfig:
+def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> TrainConfig:
   """The one place where flags become a TrainConfig."""
   values = {field.name: flag_values[field.name].value for field in dataclasses.fields(TrainConfig)}
   values['model_dir'] = values['model_dir'] or ''
@@ -445,6 +467,7 @@ def main(argv):
 
 
 def console_main():
+  define_flags()
   cli.run(main)
 
 

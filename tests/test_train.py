@@ -126,34 +126,35 @@ def test_resuming_with_another_model_is_a_usage_error(trained_run):
 # ---- Flags. ----
 
 @pytest.fixture
-def fresh_flags():
-  flags.FLAGS.unparse_flags()
-  yield flags.FLAGS
-  flags.FLAGS.unparse_flags()
+def train_flags():
+  """train's flags in a FlagValues of their own (make_records may own the global ones here)."""
+  flag_values = flags.FlagValues()
+  train.define_flags(flag_values)
+  return flag_values
 
 
-def test_every_config_field_is_a_flag_of_the_train_module():
-  own = {flag.name for flag in flags.FLAGS.get_flags_for_module(train)}
-  fields = {field for field in train.TrainConfig.__dataclass_fields__}
-  assert fields <= own
+def test_every_config_field_is_a_flag_of_the_train_module(train_flags):
+  own = {flag.name for flag in train_flags.get_flags_for_module(train.__name__)}
+  assert set(train.TrainConfig.__dataclass_fields__) == own
 
 
-def test_flags_become_one_config(fresh_flags):
-  fresh_flags(['train', '--model=tiny', '--filters=4,8', '--epochs=3', '--mixed_precision'])
-  config = train.config_from_flags()
+def test_flags_become_one_config(train_flags):
+  train_flags(['train', '--model=tiny', '--filters=4,8', '--epochs=3', '--mixed_precision'])
+  config = train.config_from_flags(train_flags)
   assert config.model == 'tiny'
   assert config.filters == (4, 8)
   assert config.epochs == 3
   assert config.mixed_precision
   assert config.batch_size == 128
+  assert config.image_size == 128
   assert config.records_dir == 'records'
   assert config.model_dir == os.path.join('runs', 'tiny')
 
 
-def test_filters_that_are_not_integers_are_a_usage_error(fresh_flags):
-  fresh_flags(['train', '--filters=4,eight'])
+def test_filters_that_are_not_integers_are_a_usage_error(train_flags):
+  train_flags(['train', '--filters=4,eight'])
   with pytest.raises(cli.UsageError, match='--filters'):
-    train.config_from_flags()
+    train.config_from_flags(train_flags)
 
 
 def test_auto_strategy_on_one_device_is_the_default_strategy():
@@ -177,29 +178,59 @@ def _empty_records(tmp_path, synthetic_records):
   return directory
 
 
-@pytest.mark.parametrize('args, message', [
+# Runs train's command line once per case, in one process of its own (one TensorFlow start-up):
+# the real define_flags, flag parsing and cli.run. Downloads fail as they do offline.
+_COMMAND_LINE_CASES = """
+import contextlib, io, json, sys, warnings
+from absl import flags
+from keras.src.utils import file_utils
+def no_network(*args, **kwargs):
+  raise Exception('URL fetch failure on https://storage.googleapis.com/: no network')
+file_utils.get_file = no_network
+warnings.simplefilter('ignore')
+from agegender import cli, train
+train.define_flags()
+results = []
+for args in json.loads(sys.argv[1]):
+  flags.FLAGS.unparse_flags()
+  sys.argv = ['agegender.train', *args]
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr):
+    try:
+      cli.run(train.main)
+      status = 0
+    except SystemExit as e:
+      status = e.code
+  results.append([status, stderr.getvalue()])
+print(json.dumps(results))
+"""
+
+BAD_FLAGS = [
     (['--epochs=0'], '--epochs must be positive'),
     (['--epochs=-2'], '--epochs must be positive'),
     (['--batch_size=0'], '--batch_size must be positive'),
+    (['--batch_size=-8'], '--batch_size must be positive'),
     (['--model=vgg16'], 'flag --model=vgg16'),
     (['--records_dir={tmp}/nowhere'], 'no records at'),
     (['--records_dir={empty}'], 'no train examples'),
     (['--model=mobilenet_v3_small', '--weights=imagenet'], 'cannot load imagenet weights'),
-])
-def test_bad_flags_give_one_line_and_exit_2(args, message, fresh_flags, monkeypatch, capsys,
-                                             tmp_path, synthetic_records):
-  def no_network(*args, **kwargs):
-    raise Exception('URL fetch failure on https://storage.googleapis.com/: no network')
-  monkeypatch.setattr('keras.src.utils.file_utils.get_file', no_network)
+]
+
+
+def test_each_bad_flag_gives_one_line_and_exit_2(tmp_path, synthetic_records):
   empty = _empty_records(tmp_path, synthetic_records)
-  args = [arg.format(tmp=tmp_path, empty=empty) for arg in args]
-  if not any(arg.startswith('--records_dir') for arg in args):
-    args.append(f'--records_dir={synthetic_records}')
-  monkeypatch.setattr(sys, 'argv', ['agegender.train', f'--model_dir={tmp_path}/run',
-                                    '--image_size=32', '--verbose=0', *args])
-  with pytest.raises(SystemExit) as exit_info:
-    train.console_main()
-  assert exit_info.value.code == 2
-  stderr = capsys.readouterr().err.strip().splitlines()
-  assert len(stderr) == 1, stderr
-  assert 'error:' in stderr[0] and message in stderr[0]
+  cases = []
+  for args, _ in BAD_FLAGS:
+    args = [arg.format(tmp=tmp_path, empty=empty) for arg in args]
+    if not any(arg.startswith('--records_dir') for arg in args):
+      args.append(f'--records_dir={synthetic_records}')
+    cases.append([f'--model_dir={tmp_path}/run', '--image_size=32', '--verbose=0', *args])
+  completed = subprocess.run([sys.executable, '-c', _COMMAND_LINE_CASES, json.dumps(cases)],
+                             capture_output=True, text=True, timeout=300)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  results = json.loads(completed.stdout.strip().splitlines()[-1])
+  for (args, message), (status, stderr) in zip(BAD_FLAGS, results, strict=True):
+    lines = stderr.strip().splitlines()
+    assert status == 2, (args, stderr)
+    assert len(lines) == 1, (args, lines)
+    assert lines[0].startswith('agegender.train: error: ') and message in lines[0], (args, lines)
