@@ -36,4 +36,9 @@ def _import_tensorflow_quietly() -> None:
 
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-_import_tensorflow_quietly()
+# Only for the commands (`python -m agegender.X` sets argv[0] to '-m' while it
+# imports this package; console scripts are named agegender-*): a library user
+# importing agegender.labels should not pay for loading TensorFlow.
+if sys.argv and (sys.argv[0] == '-m' or
+                 os.path.basename(sys.argv[0]).startswith('agegender-')):
+  _import_tensorflow_quietly()

@@ -39,6 +39,11 @@ AUTOTUNE = tf.data.AUTOTUNE
 GENDER_OUTPUT = 'gender_output'
 AGE_OUTPUT = 'age_output'
 
+# Records in the training shuffle buffer: about this many times the stored
+# bytes per image of memory (32 MB for UTKFace's source JPEGs). Shard order is
+# shuffled and up to MAX_PARALLEL_SHARDS shards interleave before it, so a small
+# buffer still mixes well, and memory stays flat however large the data set.
+DEFAULT_SHUFFLE_BUFFER = 2_000
 # Shards read at once in training; more mixes better, each costs a read buffer.
 MAX_PARALLEL_SHARDS = 16
 # Decodes in flight within one batch.
@@ -284,7 +289,7 @@ def make_dataset(records_dir: str,
                  batch_size: int = 128,
                  training: bool = False,
                  image_size: int = contract.DEFAULT_IMAGE_SIZE,
-                 shuffle_buffer: int = 10_000,
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                  augment: bool = False,
                  deterministic: bool = False,
                  seed: int = 0,

@@ -43,6 +43,7 @@ from absl import logging
 from agegender import cli
 from agegender import contract
 from agegender import model as model_lib
+from agegender import pipeline
 
 STRATEGIES = ('auto', 'one_device', 'mirrored')
 
@@ -85,7 +86,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool('augment', False,
                     'Random flips, brightness, contrast and small shifts of training images.',
                     **own)
-  flags.DEFINE_integer('shuffle_buffer', 10_000, 'Training shuffle buffer, in examples.', **own)
+  flags.DEFINE_integer('shuffle_buffer', pipeline.DEFAULT_SHUFFLE_BUFFER, 'Training shuffle buffer, in examples.', **own)
   flags.DEFINE_integer('seed', 0, 'Seed of the weights, the shuffle and the augmentation.',
                        **own)
   flags.DEFINE_bool('deterministic', False,
@@ -144,7 +145,7 @@ class TrainConfig:
   age_loss_weight: float = 1.0
   age_loss: str = 'mse'
   augment: bool = False
-  shuffle_buffer: int = 10_000
+  shuffle_buffer: int = pipeline.DEFAULT_SHUFFLE_BUFFER
   seed: int = 0
   deterministic: bool = False
   cache: bool = False
@@ -244,7 +245,6 @@ def _check_batch_size(config: TrainConfig, strategy) -> None:
 
 def _split_dataset(config: TrainConfig, split: str, training: bool, batch_size: int,
                    input_context=None):
-  from agegender import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.make_dataset(
       config.records_dir, split, batch_size=batch_size, training=training,
       image_size=config.image_size, shuffle_buffer=config.shuffle_buffer,
@@ -254,7 +254,6 @@ def _split_dataset(config: TrainConfig, split: str, training: bool, batch_size: 
 
 def training_input(config: TrainConfig, strategy):
   """The training split, one input pipeline per worker (its InputContext), batched per replica."""
-  from agegender import pipeline  # pylint: disable=g-import-not-at-top
 
   def dataset_fn(input_context):
     # make_dataset divides the global batch among the replicas itself. Repeated, so
