@@ -297,7 +297,8 @@ def make_dataset(records_dir: str,
                  skip_corrupt: bool = False,
                  input_context: tf.distribute.InputContext | None = None,
                  drop_remainder: bool = False,
-                 include_metadata: bool = False) -> tf.data.Dataset:
+                 include_metadata: bool = False,
+                 data_service: str | None = None) -> tf.data.Dataset:
   """The batches of one split of the records under `records_dir`.
 
   Yields `(images, targets)`: images float32 [B, S, S, 3] in [0, 1], targets
@@ -319,7 +320,16 @@ def make_dataset(records_dir: str,
     naming it.
   input_context: this input pipeline reads shards i, i+n, ... of the split,
     and `batch_size` is the global batch, divided among the replicas.
+  data_service: a tf.data service dispatcher, grpc://HOST:PORT. Everything up
+    to the finished batches runs on its workers, which take the shards one at
+    a time (dynamic sharding: each record once per epoch, spread over the
+    workers up at the time); this process only receives batches. A worker
+    lost mid-epoch loses the rest of its shards for that epoch. Not with
+    `cache` (each worker would cache only the shards it happened to read).
   """
+  if data_service and cache:
+    raise ValueError('cache and data_service do not go together: each service worker '
+                     'would cache only the shards it happened to read')
   manifest = contract.read_manifest(records_dir)
   storage = contract.image_storage(manifest)
   paths, counts = _split_shards(manifest, split, input_context)
@@ -352,7 +362,6 @@ def make_dataset(records_dir: str,
     return _to_model_inputs(images, features, include_metadata)
 
   batches = batches.map(preprocess, num_parallel_calls=AUTOTUNE)
-  batches = batches.prefetch(AUTOTUNE)
 
   options = tf.data.Options()
   options.deterministic = deterministic or not training
@@ -360,6 +369,11 @@ def make_dataset(records_dir: str,
     # Already sharded by file above.
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.OFF)
+  if data_service:
+    batches = batches.with_options(options).apply(tf.data.experimental.service.distribute(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+        service=data_service))
+  batches = batches.prefetch(AUTOTUNE)
   return batches.with_options(options)
 
 

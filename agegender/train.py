@@ -22,7 +22,12 @@ another) to start over.
 The training loop is `train_and_evaluate(config)`, a function of plain
 arguments; the flags below are turned into its TrainConfig in
 `config_from_flags` and nowhere else. The distribution strategy is chosen in
-`make_strategy` alone, and every strategy runs the same Keras `fit`. The age
+`make_strategy` alone, and every strategy (one device, one host's GPUs,
+several hosts) runs the same loop, `run_epochs`: a `strategy.run` of the
+model's own train_step driving Keras's callbacks, because Keras 3's `fit`
+fails under MultiWorkerMirroredStrategy (keras-team/keras#20585). Under
+multi_worker only the chief writes to --model_dir; the other workers write to a
+temporary folder of their own, started from the chief's saved state. The age
 head starts at the training split's mean age (its bias), so that the first
 epochs learn faces rather than the scale of years.
 """
@@ -35,6 +40,8 @@ import importlib.util
 import json
 import math
 import os
+import shutil
+import tempfile
 from typing import Any, Sequence
 
 from absl import flags
@@ -45,7 +52,7 @@ from agegender import contract
 from agegender import model as model_lib
 from agegender import pipeline
 
-STRATEGIES = ('auto', 'one_device', 'mirrored')
+STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -100,7 +107,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum('distribution_strategy', 'auto', list(STRATEGIES),
                     'auto: MirroredStrategy over all local GPUs when there are several, else '
                     'the default device; one_device: the first GPU (or the CPU); '
-                    'mirrored: MirroredStrategy over all local GPUs.', **own)
+                    'mirrored: MirroredStrategy over all local GPUs; multi_worker: '
+                    'MultiWorkerMirroredStrategy over the cluster in TF_CONFIG.', **own)
+  flags.DEFINE_string('data_service', None,
+                      'A tf.data service dispatcher, grpc://HOST:PORT, whose workers run the '
+                      'training input pipeline (see agegender.data_service).', **own)
   flags.DEFINE_integer('early_stopping_patience', 0,
                        'Stop after this many epochs without a better validation age MAE '
                        '(0: off).', **own)
@@ -160,6 +171,7 @@ class TrainConfig:
   tensorboard: bool = True
   export: bool = True
   verbose: int = 1
+  data_service: str | None = None
 
   def __post_init__(self):
     if not self.model_dir:
@@ -183,6 +195,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> TrainConfi
   """The one place where flags become a TrainConfig."""
   values = {field.name: flag_values[field.name].value for field in dataclasses.fields(TrainConfig)}
   values['model_dir'] = values['model_dir'] or ''
+  values['data_service'] = values['data_service'] or None
   values['filters'] = _integers(values['filters'], 'filters')
   return TrainConfig(**values)
 
@@ -221,12 +234,24 @@ def check_config(config: TrainConfig) -> dict[str, int]:
   if config.distribution_strategy not in STRATEGIES:
     raise cli.UsageError(f'unknown distribution strategy {config.distribution_strategy!r}; '
                          f'expected one of {", ".join(STRATEGIES)}')
+  if config.distribution_strategy == 'multi_worker' and not os.environ.get('TF_CONFIG'):
+    raise cli.UsageError('--distribution_strategy=multi_worker needs the cluster in the '
+                         'TF_CONFIG environment variable')
+  if config.data_service:
+    from agegender import data_service  # pylint: disable=g-import-not-at-top
+    data_service.parse_address(config.data_service)
+    if config.cache:
+      raise cli.UsageError('--cache does not go with --data_service (each service worker '
+                           'would cache only the shards it happened to read)')
   return split_sizes(config.records_dir)
 
 
 def make_strategy(name: str):
   """The tf.distribute strategy a run trains under: chosen here and nowhere else."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if name == 'multi_worker':
+    # Before anything else starts TensorFlow's runtime, which it configures for collectives.
+    return tf.distribute.MultiWorkerMirroredStrategy()
   gpus = tf.config.list_logical_devices('GPU')
   if name == 'auto':
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
@@ -249,27 +274,29 @@ def _split_dataset(config: TrainConfig, split: str, training: bool, batch_size: 
       config.records_dir, split, batch_size=batch_size, training=training,
       image_size=config.image_size, shuffle_buffer=config.shuffle_buffer,
       augment=config.augment and training, deterministic=config.deterministic,
-      seed=config.seed, cache=config.cache, input_context=input_context)
+      seed=config.seed, cache=config.cache, input_context=input_context,
+      data_service=config.data_service if training else None)
 
 
 def training_input(config: TrainConfig, strategy):
-  """The training split, one input pipeline per worker (its InputContext), batched per replica."""
+  """The training split, one input pipeline per worker (its InputContext), batched per
+  replica; one pass is one epoch."""
 
   def dataset_fn(input_context):
-    # make_dataset divides the global batch among the replicas itself. Repeated, so
-    # that fit's steps_per_epoch, not the end of the data, closes an epoch.
-    return _split_dataset(config, 'train', True, config.batch_size, input_context).repeat()
+    # make_dataset divides the global batch among the replicas itself.
+    return _split_dataset(config, 'train', True, config.batch_size, input_context)
 
   return pipeline.distribute_dataset(dataset_fn, strategy)
 
 
-def validation_input(config: TrainConfig, num_examples: int):
-  """The validation split in global batches; fit splits them over the replicas itself."""
+def validation_input(config: TrainConfig, num_examples: int, strategy=None):
+  """The validation split in global batches, split over `strategy`'s replicas (each
+  worker takes every n-th batch)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   dataset = _split_dataset(config, 'validation', False, config.batch_size)
-  # A known length lets fit end each validation pass without an "input ran out" warning.
   batches = math.ceil(num_examples / config.batch_size)
-  return dataset.apply(tf.data.experimental.assert_cardinality(batches))
+  dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
+  return dataset if strategy is None else pipeline.distribute_dataset(dataset, strategy)
 
 
 # ---- History and learning curves. ----
@@ -405,42 +432,170 @@ def _write_config(config: TrainConfig) -> None:
     json.dump(dataclasses.asdict(config), f, indent=2)
 
 
-def fit(config: TrainConfig, sizes: dict[str, int], extra_callbacks: Sequence = ()):
-  """Trains under the configured strategy; returns the Keras History."""
+# ---- The training loop, one for every strategy. ----
+
+def _step_function(model, strategy, step, steps_per_execution: int):
+  """A tf.function running up to `steps_per_execution` of `step` (the model's train_step or
+  test_step) on every replica; returns (steps run, examples seen) over all replicas, 0 steps
+  at the end of the data."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  replica_step = tf.function(step, jit_compile=True) if model.jit_compile else step
+
+  def on_replica(data):
+    replica_step(data)
+    return tf.shape(data[0], out_type=tf.int64)[0]
+
+  @tf.function
+  def run_steps(iterator):
+    steps = tf.constant(0, tf.int64)
+    examples = tf.constant(0, tf.int64)
+    for _ in tf.range(steps_per_execution):
+      # Under several workers, every worker runs the step until all are out of data.
+      optional = iterator.get_next_as_optional()
+      if not optional.has_value():
+        break
+      sizes = strategy.run(on_replica, args=(optional.get_value(),))
+      examples += strategy.reduce('SUM', sizes, axis=None)
+      steps += 1
+    return steps, examples
+
+  return run_steps
+
+
+def _logs(model) -> dict[str, float]:
+  # Metric variables sum over the replicas and workers when read here.
+  return {name: float(value) for name, value in model.get_metrics_result().items()}
+
+
+def _run_pass(run_steps, dataset, callbacks, hook: str, model=None) -> tuple[int, int, dict]:
+  """One pass over `dataset`; returns (steps, examples, logs of the last step)."""
+  iterator = iter(dataset)
+  steps = examples = 0
+  logs = {}
+  while True:
+    getattr(callbacks, f'on_{hook}_batch_begin')(steps)
+    ran, seen = run_steps(iterator)
+    if not int(ran):
+      return steps, examples, logs
+    steps += int(ran)
+    examples += int(seen)
+    logs = _logs(run_steps.model)
+    getattr(callbacks, f'on_{hook}_batch_end')(steps - 1, logs)
+    if model is not None and model.stop_training:
+      return steps, examples, logs
+
+
+def run_epochs(model, strategy, train_data, validation_data, *, epochs: int, steps_per_epoch: int,
+               train_examples: int, callbacks: Sequence = (), verbose: int = 1):
+  """Keras fit's epochs, progress bar and callbacks, on `strategy.run` of the compiled model's
+  own train_step and test_step.
+
+  `train_data` and `validation_data` are distributed datasets (one pass is one epoch). An epoch
+  that sees fewer than `train_examples` records (records lost with a stopped tf.data service
+  worker) logs how many. Returns the Keras History.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  steps_per_execution = max(1, int(model.steps_per_execution or 1))
+  train_steps = _step_function(model, strategy, model.train_step, steps_per_execution)
+  test_steps = _step_function(model, strategy, model.test_step, steps_per_execution)
+  train_steps.model = test_steps.model = model
+  callbacks = keras.callbacks.CallbackList(
+      list(callbacks), add_history=True, add_progbar=verbose != 0, verbose=verbose,
+      epochs=epochs, steps=steps_per_epoch, model=model)
+  model.stop_training = False
+  callbacks.on_train_begin()
+  # BackupAndRestore's on_train_begin restores the state and sets where to start.
+  initial_epoch = getattr(model, '_initial_epoch', None) or 0
+  epoch_logs = {}
+  for epoch in range(initial_epoch, epochs):
+    model.reset_metrics()
+    callbacks.on_epoch_begin(epoch)
+    _, examples, _ = _run_pass(train_steps, train_data, callbacks, 'train', model)
+    epoch_logs = _logs(model)
+    if examples < train_examples:
+      logging.warning('epoch %d trained on %d of the %d training records: %d lost (with a '
+                      'tf.data service worker that stopped, or skipped as corrupt)',
+                      epoch + 1, examples, train_examples, train_examples - examples)
+    model.reset_metrics()
+    callbacks.on_test_begin()
+    _run_pass(test_steps, validation_data, callbacks, 'test')
+    validation_logs = _logs(model)
+    callbacks.on_test_end(validation_logs)
+    epoch_logs.update({f'val_{name}': value for name, value in validation_logs.items()})
+    callbacks.on_epoch_end(epoch, epoch_logs)
+    if model.stop_training:
+      break
+  callbacks.on_train_end(epoch_logs)
+  return model.history
+
+
+def _is_chief(strategy) -> bool:
+  return strategy.extended.should_checkpoint
+
+
+def _worker_config(config: TrainConfig, strategy, temporary: str) -> TrainConfig:
+  """The config this worker runs: the chief's own; another worker's writes to `temporary`,
+  starting from a copy of the chief's saved state (resume) and history (best so far)."""
+  if _is_chief(strategy):
+    return config
+  for name in (BACKUP_DIR, HISTORY_FILE, MODEL_FILE, CONFIG_FILE):
+    source = config.path(name)
+    if os.path.isdir(source):
+      shutil.copytree(source, os.path.join(temporary, name))
+    elif os.path.isfile(source):
+      shutil.copy2(source, temporary)
+  return dataclasses.replace(config, model_dir=temporary)
+
+
+def fit(config: TrainConfig, sizes: dict[str, int], extra_callbacks: Sequence = (),
+        strategy=None):
+  """Trains under the configured strategy (or `strategy`); returns the Keras History."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from agegender import evaluate  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(config.seed)
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
-  strategy = make_strategy(config.distribution_strategy)
+  strategy = strategy or make_strategy(config.distribution_strategy)
   _check_batch_size(config, strategy)
-  resuming = _resuming(config)
-  with strategy.scope():
-    model = _build_compiled_model(
-        config, initial_age=evaluate.label_statistics(config.records_dir, 'train')['mean_age'])
-  return model.fit(
-      training_input(config, strategy), epochs=config.epochs,
-      steps_per_epoch=math.ceil(sizes['train'] / config.batch_size),
-      validation_data=validation_input(config, sizes['validation']), shuffle=False,
-      callbacks=make_callbacks(config, resuming) + list(extra_callbacks),
-      verbose=config.verbose)
+  with tempfile.TemporaryDirectory(prefix='agegender-worker-') as temporary:
+    config = _worker_config(config, strategy, temporary)
+    resuming = _resuming(config)
+    train_data = training_input(config, strategy)
+    with strategy.scope():
+      model = _build_compiled_model(
+          config, initial_age=evaluate.label_statistics(config.records_dir, 'train')['mean_age'])
+      # Optimizer and metric variables now, before BackupAndRestore loads them.
+      model._symbolic_build(data_batch=train_data.element_spec)  # pylint: disable=protected-access
+    return run_epochs(
+        model, strategy, train_data, validation_input(config, sizes['validation'], strategy),
+        epochs=config.epochs, steps_per_epoch=math.ceil(sizes['train'] / config.batch_size),
+        train_examples=sizes['train'],
+        callbacks=make_callbacks(config, resuming) + list(extra_callbacks),
+        verbose=config.verbose)
 
 
 def train_and_evaluate(config: TrainConfig, extra_callbacks: Sequence = ()) -> dict[str, Any]:
   """Trains, keeps the best model, evaluates it on the test split and exports it.
 
   Returns {'model_dir', 'epochs_trained' (this call), 'history' (all epochs'
-  rows), 'metrics' (the test evaluation), 'export_dir' (or None)}.
+  rows), 'metrics' (the test evaluation), 'export_dir' (or None)}. Under
+  multi_worker, a worker other than the chief trains its part and returns
+  model_dir, metrics and export_dir None and no history: the chief writes them.
   """
   from agegender import evaluate  # pylint: disable=g-import-not-at-top
   from agegender import export  # pylint: disable=g-import-not-at-top
   sizes = check_config(config)
   if _resuming(config):
     _check_same_model(config)
+  strategy = make_strategy(config.distribution_strategy)
+  if not _is_chief(strategy):
+    history = fit(config, sizes, extra_callbacks, strategy)
+    return {'model_dir': None, 'epochs_trained': len(history.epoch), 'history': [],
+            'metrics': None, 'export_dir': None}
   os.makedirs(config.model_dir, exist_ok=True)
   _write_config(config)
-  history = fit(config, sizes, extra_callbacks)
+  history = fit(config, sizes, extra_callbacks, strategy)
   rows = read_history(config.path(HISTORY_FILE))
   write_history(config.path(HISTORY_FILE), rows)  # Drops an epoch repeated after a kill.
   plot_learning_curves(rows, config.path(CURVES_FILE))
@@ -460,6 +615,9 @@ def main(argv):
     raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = config_from_flags()
   result = train_and_evaluate(config)
+  if result['model_dir'] is None:
+    print(f'trained {result["epochs_trained"]} epoch(s) as a worker; the chief writes the outputs')
+    return 0
   print(evaluate.format_table(result['metrics'], 'test'))
   print(f'outputs in {config.model_dir}')
   return 0
