@@ -26,6 +26,7 @@ files beside the output, which the workers then read.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pickle
 import posixpath
@@ -208,21 +209,29 @@ def _read_entries(beam, pipeline, folder: str | None, staged: list[str]):
 
 def run_beam(conversion: records.Conversion, source: sources.Source, *,
              pipeline_options: str = DEFAULT_PIPELINE_OPTIONS) -> records.Outcome:
-  """records.convert's runner: the conversion as one Beam pipeline."""
+  """records.convert's runner: the conversion as one Beam pipeline.
+
+  The pipeline writes into a staging folder beside the output; only once it
+  has found something valid does the old output (if any) make way for the new
+  files, so a run that finds nothing leaves existing records as they were.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   beam = import_beam()
   from apache_beam.options import pipeline_options as beam_options  # pylint: disable=g-import-not-at-top
   options = beam_options.PipelineOptions(shlex.split(pipeline_options or ''))
   directory = conversion.directory
-  created = not tf.io.gfile.exists(directory)
+  staging = posixpath.join(posixpath.dirname(directory.rstrip('/')),
+                           records.TEMP_PREFIX + posixpath.basename(directory.rstrip('/')))
   folder = _folder_of(source)
-  with records.writing_to(directory):
-    records.prepare_output(directory)
-    staged = [] if folder is not None else stage(source, directory)
-  report_path = posixpath.join(directory, REPORT_NAME)
+  with records.writing_to(staging):
+    if tf.io.gfile.exists(staging):
+      tf.io.gfile.rmtree(staging)  # What a killed run left.
+    tf.io.gfile.makedirs(staging)
+    staged = [] if folder is not None else stage(source, staging)
+  report_path = posixpath.join(staging, REPORT_NAME)
   with beam.Pipeline(options=options) as pipeline:
-    build_pipeline(beam, _read_entries(beam, pipeline, folder, staged), conversion,
-                   report_path)
+    build_pipeline(beam, _read_entries(beam, pipeline, folder, staged),
+                   dataclasses.replace(conversion, directory=staging), report_path)
   report = _read_report(report_path)
   for path in staged + [report_path]:
     tf.io.gfile.remove(path)
@@ -230,12 +239,16 @@ def run_beam(conversion: records.Conversion, source: sources.Source, *,
   try:
     records.check_something_valid(source.spec, report['files_read'], report['rejected'])
   except cli.UsageError:
-    if created:
-      tf.io.gfile.rmtree(directory)  # Nothing was found: leave nothing behind.
+    tf.io.gfile.rmtree(staging)
     raise
   totals = {name: report['totals'].get(name, records.SplitTotals())
             for name in contract.SPLITS}
   with records.writing_to(directory):
+    records.prepare_output(directory)
+    for name in tf.io.gfile.listdir(staging):
+      tf.io.gfile.rename(posixpath.join(staging, name), posixpath.join(directory, name),
+                         overwrite=True)
+    tf.io.gfile.rmtree(staging)
     lengths = {name: _all_shards(directory, name, conversion.num_shards_of(total),
                                  report['shards'])
                for name, total in totals.items()}

@@ -181,3 +181,18 @@ def test_without_beam_the_beam_runner_says_how_to_install_it(monkeypatch, tmp_pa
                                              f'--records_dir={tmp_path}')
   assert status in (0, None), stderr
   assert 'total 5' in stdout
+
+
+def test_a_beam_run_that_finds_nothing_keeps_the_existing_records(outputs, tmp_path):
+  del outputs  # Only for its skip where Beam is missing.
+  out = str(tmp_path / 'records')
+  records.convert('synthetic', out, synthetic_count=12, progress=False)
+  before = _files(contract.dataset_dir(out))
+  bad = _write_folder(tmp_path / 'bad', {'notes.txt': b'no faces here',
+                                         '30_0_0_20170101000000002.jpg': b''})
+  status, _, stderr = _run_make_records(
+      f'--source={bad}', f'--records_dir={out}', '--overwrite', '--runner=beam',
+      f'--beam_pipeline_options={BEAM_OPTIONS}')
+  assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+  assert _files(contract.dataset_dir(out)) == before
+  assert os.listdir(os.path.dirname(contract.dataset_dir(out))) == [contract.VERSION]
