@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -96,3 +98,18 @@ def test_plot_predicted_age_writes_a_png(tmp_path):
   path = evaluate.plot_predicted_age(np.array([10, 50]), np.array([12, 40]),
                                      str(tmp_path / 'ages.png'))
   assert os.path.getsize(path) > 1000
+
+
+def test_evaluate_command_writes_the_split_metrics_beside_the_run(trained_run, synthetic_records):
+  completed = subprocess.run(
+      [sys.executable, '-m', 'agegender.evaluate', f'--model_dir={trained_run["model_dir"]}',
+       f'--records_dir={synthetic_records}', '--split=validation'],
+      capture_output=True, text=True, timeout=180)
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  assert 'validation split' in completed.stdout
+  with open(os.path.join(trained_run['model_dir'], 'metrics_validation.json')) as f:
+    metrics = json.load(f)
+  manifest = contract.read_manifest(synthetic_records)
+  assert metrics['count'] == manifest['splits']['validation']['num_examples']
+  assert 0 <= metrics['gender_accuracy'] <= 1 and metrics['age_mae'] >= 0
+  assert os.path.exists(os.path.join(trained_run['model_dir'], 'predicted_age_validation.png'))

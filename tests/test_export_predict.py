@@ -144,3 +144,44 @@ def test_predict_command_prints_json_lines_and_exits_0_with_a_broken_file(traine
   assert [os.path.basename(line['file']) for line in errors] == ['broken.jpg']
   assert all({'file', 'age', 'gender', 'probability'} <= set(line)
              for line in lines if 'error' not in line)
+
+
+def _command(module, *args):
+  return subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True,
+                        timeout=180)
+
+
+def test_predict_command_prints_text_lines_and_fails_when_nothing_is_predicted(
+    trained_run, photos, tmp_path):
+  completed = _command('agegender.predict', f'--model_dir={trained_run["model_dir"]}', photos)
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  rows = [line.split('\t') for line in completed.stdout.splitlines()]
+  assert len(rows) == 4 and all(len(row) == 4 for row in rows)
+  for file, age, gender, probability in rows:
+    assert os.path.exists(file)
+    assert float(age) >= 0 and gender in ('male', 'female') and 0.5 <= float(probability) <= 1
+  assert [line for line in completed.stderr.splitlines() if 'error' in line] == [
+      f'{os.path.join(photos, "broken.jpg")}: error: not a readable image (JPEG, PNG, BMP or GIF)']
+
+  broken_only = tmp_path / 'broken_only'
+  broken_only.mkdir()
+  (broken_only / 'face.jpg').write_bytes(b'\xff\xd8 not a JPEG')
+  completed = _command('agegender.predict', f'--model_dir={trained_run["model_dir"]}',
+                       str(broken_only))
+  assert completed.returncode == 2
+  assert completed.stdout == ''
+  assert completed.stderr.strip().splitlines()[-1] == (
+      'agegender.predict: error: no image could be predicted')
+
+
+def test_export_command_writes_a_saved_model_that_serves_jpeg_bytes(trained_run, tmp_path):
+  export_dir = str(tmp_path / 'served')
+  completed = _command('agegender.export', f'--model_dir={trained_run["model_dir"]}',
+                       f'--export_dir={export_dir}')
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  assert completed.stdout.strip() == f'exported {export_dir}'
+  serve = export.load_serving_function(export_dir)
+  _, jpeg = next(synthetic.generate_synthetic(1, seed=9))
+  outputs = serve(image_bytes=tf.constant([jpeg, jpeg]))
+  assert outputs['age'].shape[0] == 2
+  np.testing.assert_allclose(outputs['age'][0], outputs['age'][1])
