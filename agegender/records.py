@@ -12,7 +12,7 @@ decides where a record lands follows from its content hash alone:
 
 So a split never changes when files are renamed, reordered or added,
 duplicates (same bytes, any name) land together and are kept once (the
-smallest name), and any engine that runs `convert_image` (this module's thread
+smallest name), and any engine that runs `convert_image` (this module's process
 pool, or a cluster engine) writes the same bytes.
 
 A runner turns a source into written shards; everything after the per-image
@@ -24,8 +24,9 @@ writing (`write_shard`), then the tfds metadata, manifest and summary, which
 
 `run_local` works in two passes with bounded memory:
 
-1. stream the source through a pool of threads and spill each converted record into a local
-   bucket file keyed by (split, first hash byte);
+1. stream the source through a pool of worker processes (which never load
+   TensorFlow) and spill each converted record into a local bucket file keyed
+   by (split, first hash byte);
 2. with the totals known, choose each split's shard count (--shard_size_mb or
    --num_shards), then read the buckets in hash order, drop duplicates and
    write every shard under a temporary name, renamed when complete. The tfds
@@ -48,8 +49,10 @@ import hashlib
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import posixpath
+import signal
 import struct
 import sys
 import tempfile
@@ -206,20 +209,44 @@ def _convert_chunk(chunk: list[tuple[str, bytes]],
   return [convert_image(name, data, options) for name, data in chunk]
 
 
-def convert_stream(entries: Iterable[tuple[str, bytes]], options: ConvertOptions,
-                   workers: int, chunk_size: int = 16) -> Iterator[Converted | Rejected]:
-  """convert_image over a stream on `workers` threads, in source order.
+def _ignore_interrupts() -> None:
+  # Ctrl-C reaches the whole process group; the parent alone handles it.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-  Decoding, hashing and encoding release the GIL, so threads use every core
-  without starting processes (which would each import TensorFlow). Images go
-  in chunks, and only a few chunks are in flight: memory stays bounded.
+
+def process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+  """Worker processes that start clean even when TensorFlow is loaded here.
+
+  Forking a process that runs TensorFlow's threads is unsafe, so workers come
+  from a fork server (or are spawned where there is none). The fork server
+  preloads this module and not the parent's __main__, so workers never import
+  TensorFlow: agegender.contract serializes records without it.
+  """
+  if 'forkserver' in multiprocessing.get_all_start_methods():
+    context = multiprocessing.get_context('forkserver')
+    context.set_forkserver_preload([__name__])
+  else:
+    context = multiprocessing.get_context('spawn')
+  return concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                initializer=_ignore_interrupts)
+
+
+def convert_stream(entries: Iterable[tuple[str, bytes]], options: ConvertOptions,
+                   workers: int, chunk_size: int = 32) -> Iterator[Converted | Rejected]:
+  """convert_image over a stream on `workers` processes, in source order.
+
+  Processes, not threads: much of the per-image work (parsing headers,
+  building records) holds Python's global lock. Images go in chunks, and
+  only a few chunks are in flight: memory stays bounded. One worker converts
+  in this process, without starting any.
   """
   entries = iter(entries)
   if workers <= 1:
     for name, data in entries:
       yield convert_image(name, data, options)
     return
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+  pool = process_pool(workers)
+  try:
     pending = collections.deque()
     while chunk := list(itertools.islice(entries, chunk_size)):
       pending.append(pool.submit(_convert_chunk, chunk, options))
@@ -227,6 +254,9 @@ def convert_stream(entries: Iterable[tuple[str, bytes]], options: ConvertOptions
         yield from pending.popleft().result()
     while pending:
       yield from pending.popleft().result()
+  finally:
+    # Also when the consumer stops early or fails: drop the work still queued.
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 # What every runner does after the per-image function: deduplicate, count,
@@ -656,7 +686,7 @@ def prepare_output(directory: str) -> None:
 
 def run_local(conversion: Conversion, source: sources.Source, *, workers: int,
               progress: bool = True) -> Outcome:
-  """Converts on this machine's threads, in two passes through local spill files."""
+  """Converts on this machine's cores, in two passes through local spill files."""
   directory = conversion.directory
   with tempfile.TemporaryDirectory(prefix='make_records-') as spill_dir:
     spill = _Spill(spill_dir)
@@ -695,7 +725,7 @@ def convert(source: str, records_dir: str, *, split=DEFAULT_SPLIT, image_format:
   """Converts `source` into records under `records_dir`; returns the summary.
 
   `runner(conversion, source)` writes the shards; unset, `run_local` with
-  `workers` threads (default: the core count). `workers` and `progress` only
+  `workers` processes (default: the core count). `workers` and `progress` only
   concern `run_local`.
   """
   start = time.monotonic()

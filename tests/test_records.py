@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tarfile
 import zipfile
 
@@ -307,3 +308,18 @@ def test_bad_options_are_usage_errors(tmp_path):
                           ({'jpeg_quality': 0}, 'jpeg_quality')):
     with pytest.raises(cli.UsageError, match=message):
       records.convert('synthetic', str(tmp_path), synthetic_count=5, **kwargs)
+
+
+def test_workers_are_processes_without_tensorflow():
+  assert 'tensorflow' in sys.modules  # Loaded here, as in every command.
+  with records.process_pool(2) as pool:
+    pid, loaded = pool.submit(
+        eval, "__import__('os').getpid(), 'tensorflow' in __import__('sys').modules").result()
+  assert pid != os.getpid() and not loaded
+
+
+def test_the_process_pool_converts_as_one_process_does(faces):
+  stream = list(faces.items()) + list(_bad_files(faces).items())
+  alone = list(records.convert_stream(stream, OPTIONS, workers=1))
+  assert list(records.convert_stream(stream, OPTIONS, workers=2, chunk_size=3)) == alone
+  assert [r.name for r in alone] == [name for name, _ in stream]
