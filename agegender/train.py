@@ -566,7 +566,8 @@ def fit(config: TrainConfig, sizes: dict[str, int], extra_callbacks: Sequence = 
       model = _build_compiled_model(
           config, initial_age=evaluate.label_statistics(config.records_dir, 'train')['mean_age'])
       # Optimizer and metric variables now, before BackupAndRestore loads them.
-      model._symbolic_build(data_batch=train_data.element_spec)  # pylint: disable=protected-access
+      batch_spec = _split_dataset(config, 'validation', False, config.batch_size).element_spec
+      model._symbolic_build(data_batch=batch_spec)  # pylint: disable=protected-access
     return run_epochs(
         model, strategy, train_data, validation_input(config, sizes['validation'], strategy),
         epochs=config.epochs, steps_per_epoch=math.ceil(sizes['train'] / config.batch_size),
