@@ -95,8 +95,13 @@ class ImageStorage:
 #   Feature  { oneof { BytesList bytes_list = 1; Int64List int64_list = 3; } }
 #   BytesList { repeated bytes value = 1; }  Int64List { repeated int64 value = 1 [packed]; }
 
+_ONE_BYTE_VARINTS = [bytes((value,)) for value in range(0x80)]
+
+
 def _varint(value: int) -> bytes:
   """Protobuf's base-128 varint; a negative int64 as its 64-bit two's complement."""
+  if 0 <= value < 0x80:
+    return _ONE_BYTE_VARINTS[value]  # Most tags, lengths and labels.
   value &= 0xFFFFFFFFFFFFFFFF
   out = bytearray()
   while value > 0x7F:
@@ -106,19 +111,20 @@ def _varint(value: int) -> bytes:
   return bytes(out)
 
 
-def _field(number: int, payload: bytes) -> bytes:
-  """A length-delimited field (wire type 2)."""
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+def _field(number: int, parts: list[bytes]) -> list[bytes]:
+  """A length-delimited field (wire type 2), as parts: the image is copied
+  once, by the final join."""
+  return [_varint(number << 3 | 2), _varint(sum(map(len, parts))), *parts]
 
 
-def _bytes_feature(value: bytes) -> bytes:
-  return _field(1, _field(1, value))
+def _bytes_feature(value: bytes) -> list[bytes]:
+  return _field(1, _field(1, [value]))
 
 
-def _int64_feature(value: int) -> bytes:
+def _int64_feature(value: int) -> list[bytes]:
   if not -2**63 <= value < 2**63:
     raise ValueError(f'{value} does not fit in an int64')
-  return _field(3, _field(1, _varint(value)))
+  return _field(3, _field(1, [_varint(value)]))
 
 
 def serialize_example(image: bytes, age: int, gender: int, race: int,
@@ -131,9 +137,10 @@ def serialize_example(image: bytes, age: int, gender: int, race: int,
       GENDER: _int64_feature(int(gender)),
       RACE: _int64_feature(int(race)),
   }
-  entries = b''.join(_field(1, _field(1, key.encode('utf-8')) + _field(2, value))
-                     for key, value in sorted(features.items()))
-  return _field(1, entries)
+  entries = []
+  for key, feature in sorted(features.items()):
+    entries += _field(1, _field(1, [key.encode('utf-8')]) + _field(2, feature))
+  return b''.join(_field(1, entries))
 
 
 def feature_spec() -> dict[str, Any]:
