@@ -20,7 +20,7 @@ import platform
 import tempfile
 import time
 
-from agegender import records, synthetic
+from agegender import records
 
 
 def _decode_file(path: str) -> int:
@@ -51,6 +51,10 @@ def main() -> None:
                       help='runs of each measurement; the best is reported')
   parser.add_argument('--json', help='also write the results here')
   args = parser.parse_args()
+  # Conversion workers re-import this script (as multiprocessing's forkserver
+  # and spawn do), so at the top it imports only what the command line's
+  # workers import; the synthetic generator (numpy) would slow their start.
+  from agegender import synthetic  # pylint: disable=g-import-not-at-top
   cores = os.cpu_count() or 1
   with tempfile.TemporaryDirectory() as folder:
     synthetic.write_synthetic_folder(folder, args.count, seed=0)
