@@ -726,7 +726,10 @@ def convert(source: str, records_dir: str, *, split=DEFAULT_SPLIT, image_format:
 
   `runner(conversion, source)` writes the shards; unset, `run_local` with
   `workers` processes (default: the core count). `workers` and `progress` only
-  concern `run_local`.
+  concern `run_local`. Its workers import the calling script again, as
+  multiprocessing does: a script needs the `if __name__ == '__main__':` guard,
+  and its workers start in a fraction of a second unless it imports
+  TensorFlow at the top (import it inside functions instead).
   """
   start = time.monotonic()
   split = _validated_split(split)
