@@ -27,13 +27,14 @@ several hosts) runs the same loop, `run_epochs`: a `strategy.run` of the
 model's own train_step driving Keras's callbacks, because Keras 3's `fit`
 fails under MultiWorkerMirroredStrategy (keras-team/keras#20585). Under
 multi_worker only the chief writes to --model_dir; the other workers write to a
-temporary folder of their own, started from the chief's saved state. The age
-head starts at the training split's mean age (its bias), so that the first
-epochs learn faces rather than the scale of years.
+temporary folder of their own (or --worker_dir), started from the chief's saved
+state. The age head starts at the training split's mean age (its bias), so
+that the first epochs learn faces rather than the scale of years.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import importlib.util
@@ -112,6 +113,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string('data_service', None,
                       'A tf.data service dispatcher, grpc://HOST:PORT, whose workers run the '
                       'training input pipeline (see agegender.data_service).', **own)
+  flags.DEFINE_string('worker_dir', None,
+                      'multi_worker: where a worker other than the chief keeps its training '
+                      'state (default: a temporary folder, deleted at exit).', **own)
   flags.DEFINE_integer('early_stopping_patience', 0,
                        'Stop after this many epochs without a better validation age MAE '
                        '(0: off).', **own)
@@ -172,6 +176,7 @@ class TrainConfig:
   export: bool = True
   verbose: int = 1
   data_service: str | None = None
+  worker_dir: str | None = None  # None: a temporary folder.
 
   def __post_init__(self):
     if not self.model_dir:
@@ -196,6 +201,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> TrainConfi
   values = {field.name: flag_values[field.name].value for field in dataclasses.fields(TrainConfig)}
   values['model_dir'] = values['model_dir'] or ''
   values['data_service'] = values['data_service'] or None
+  values['worker_dir'] = values['worker_dir'] or None
   values['filters'] = _integers(values['filters'], 'filters')
   return TrainConfig(**values)
 
@@ -434,16 +440,52 @@ def _write_config(config: TrainConfig) -> None:
 
 # ---- The training loop, one for every strategy. ----
 
+def _head_loss_metrics(model) -> list:
+  """The means of each output's loss that Keras's compiled loss keeps (not the total loss)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  return [metric for metric in model.metrics
+          if type(metric) is keras.metrics.Mean and metric.name != 'loss']  # pylint: disable=unidiomatic-typecheck
+
+
+@contextlib.contextmanager
+def _weighted_by_examples(metrics, examples):
+  """While a step is traced, `metrics` count each update as `examples` samples.
+
+  Keras weighs each output's loss by the batch's static size, which a tf.data
+  batch does not have: every batch then counts once, however many examples it
+  holds, while the total loss counts examples. A short last batch, and under
+  several replicas a replica's empty share of it, would make the logged loss
+  differ from the sum of its parts; weighted by examples, the parts add up.
+  """
+  originals = {id(metric): metric.update_state for metric in metrics}
+
+  def weighted(original):
+    def update_state(values, sample_weight=None):
+      return original(values, examples if sample_weight is None else sample_weight)
+    return update_state
+
+  for metric in metrics:
+    metric.update_state = weighted(originals[id(metric)])
+  try:
+    yield
+  finally:
+    for metric in metrics:
+      metric.update_state = originals[id(metric)]
+
+
 def _step_function(model, strategy, step, steps_per_execution: int):
   """A tf.function running up to `steps_per_execution` of `step` (the model's train_step or
   test_step) on every replica; returns (steps run, examples seen) over all replicas, 0 steps
   at the end of the data."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   replica_step = tf.function(step, jit_compile=True) if model.jit_compile else step
+  head_losses = _head_loss_metrics(model)
 
   def on_replica(data):
-    replica_step(data)
-    return tf.shape(data[0], out_type=tf.int64)[0]
+    examples = tf.shape(data[0], out_type=tf.int64)[0]
+    with _weighted_by_examples(head_losses, examples):
+      replica_step(data)
+    return examples
 
   @tf.function
   def run_steps(iterator):
@@ -534,17 +576,20 @@ def _is_chief(strategy) -> bool:
 
 
 def _worker_config(config: TrainConfig, strategy, temporary: str) -> TrainConfig:
-  """The config this worker runs: the chief's own; another worker's writes to `temporary`,
-  starting from a copy of the chief's saved state (resume) and history (best so far)."""
+  """The config this worker runs: the chief's own; another worker's writes to --worker_dir
+  (or `temporary`), starting from a copy of the chief's saved state (resume) and history (best
+  so far) where the chief's --model_dir can be read."""
   if _is_chief(strategy):
     return config
+  own = config.worker_dir or temporary
+  os.makedirs(own, exist_ok=True)
   for name in (BACKUP_DIR, HISTORY_FILE, MODEL_FILE, CONFIG_FILE):
     source = config.path(name)
     if os.path.isdir(source):
-      shutil.copytree(source, os.path.join(temporary, name))
+      shutil.copytree(source, os.path.join(own, name), dirs_exist_ok=True)
     elif os.path.isfile(source):
-      shutil.copy2(source, temporary)
-  return dataclasses.replace(config, model_dir=temporary)
+      shutil.copy2(source, own)
+  return dataclasses.replace(config, model_dir=own)
 
 
 def fit(config: TrainConfig, sizes: dict[str, int], extra_callbacks: Sequence = (),

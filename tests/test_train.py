@@ -234,3 +234,93 @@ def test_each_bad_flag_gives_one_line_and_exit_2(tmp_path, synthetic_records):
     assert status == 2, (args, stderr)
     assert len(lines) == 1, (args, lines)
     assert lines[0].startswith('agegender.train: error: ') and message in lines[0], (args, lines)
+
+
+# ---- The logged losses, on one device and on two replicas. ----
+
+# 97 examples in batches of 32: a short last batch of one, which two replicas split 1 + 0.
+LOSS_EXAMPLES = 97
+LOSS_BATCH = 32
+
+
+def _loss_data():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  images = rng.random((LOSS_EXAMPLES, 32, 32, 3), dtype=np.float32)
+  targets = {'gender_output': rng.integers(0, 2, (LOSS_EXAMPLES, 1)).astype(np.float32),
+             'age_output': rng.uniform(1, 90, (LOSS_EXAMPLES, 1)).astype(np.float32)}
+  return tf.data.Dataset.from_tensor_slices((images, targets)).batch(LOSS_BATCH)
+
+
+def _compiled_tiny_model():
+  import keras  # pylint: disable=g-import-not-at-top
+  from agegender import model as model_lib  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(0)
+  model = model_lib.build_model('tiny', image_size=32, initial_age=40.0)
+  return model_lib.compile_model(model, learning_rate=1e-3)
+
+
+def loop_history(strategy, epochs=2):
+  """run_epochs' logs per epoch for the tiny model on _loss_data under `strategy`."""
+  with strategy.scope():
+    model = _compiled_tiny_model()
+    model._symbolic_build(data_batch=_loss_data().element_spec)  # pylint: disable=protected-access
+  history = train.run_epochs(
+      model, strategy, strategy.experimental_distribute_dataset(_loss_data()),
+      strategy.experimental_distribute_dataset(_loss_data()), epochs=epochs,
+      steps_per_epoch=4, train_examples=LOSS_EXAMPLES, verbose=0)
+  return history.history
+
+
+def _assert_loss_is_the_sum_of_its_parts(history):
+  for prefix in ('', 'val_'):
+    for total, age, gender in zip(history[prefix + 'loss'], history[prefix + 'age_output_loss'],
+                                  history[prefix + 'gender_output_loss'], strict=True):
+      assert total == pytest.approx(age + gender, rel=1e-5), (prefix, total, age, gender)
+
+
+def test_the_logged_loss_is_the_sum_of_the_head_losses_and_matches_keras_fit():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  history = loop_history(tf.distribute.get_strategy())
+  _assert_loss_is_the_sum_of_its_parts(history)
+  fitted = _compiled_tiny_model().fit(_loss_data(), validation_data=_loss_data(), epochs=2,
+                                      verbose=0).history
+  # Keras fit counts each output's loss per batch (a short batch as a whole one), so only the
+  # quantities it counts per example are compared.
+  for key in ('loss', 'gender_output_accuracy', 'age_output_mae'):
+    for prefix in ('', 'val_'):
+      assert history[prefix + key] == pytest.approx(fitted[prefix + key], rel=1e-4), key
+
+
+# Two replicas on two logical CPUs, in a process of its own (devices are set before TensorFlow
+# starts its runtime; oneDNN off, so the replicas' sums match the single device's).
+_TWO_REPLICAS = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import tensorflow as tf
+cpu = tf.config.list_physical_devices('CPU')[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import test_train
+strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+print(json.dumps({'replicas': strategy.num_replicas_in_sync,
+                  'history': test_train.loop_history(strategy)}))
+"""
+
+
+def test_the_logged_loss_is_the_sum_of_the_head_losses_on_two_replicas():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS='0', TF_CPP_MIN_LOG_LEVEL='3')
+  completed = subprocess.run(
+      [sys.executable, '-c', _TWO_REPLICAS, os.path.dirname(os.path.abspath(__file__))],
+      capture_output=True, text=True, timeout=300, env=env)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  result = json.loads(completed.stdout.strip().splitlines()[-1])
+  assert result['replicas'] == 2
+  _assert_loss_is_the_sum_of_its_parts(result['history'])
+  # The first epoch's training logs are those of one device, from the same steps. (Later ones
+  # differ: its last step, split 1 + 0 over the replicas, weighs the gradient differently.)
+  one_device = loop_history(tf.distribute.get_strategy(), epochs=1)
+  for key, values in one_device.items():
+    if not key.startswith('val_'):
+      assert result['history'][key][0] == pytest.approx(values[0], rel=1e-5), key
