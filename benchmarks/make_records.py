@@ -4,8 +4,9 @@
 
 Writes a synthetic set into a temporary folder, then, in one run on this
 machine: decodes every file with all cores (the decoder the conversion uses,
-on threads as the conversion runs it, and on a process pool for comparison)
-and converts the folder with three storages. Prints images/s and each
+on a process pool as the conversion runs it, and on threads for comparison)
+and converts the folder with three storages (each run starts its own worker
+processes, as a command-line run does). Prints images/s and each
 conversion's ratio to the best decode-only rate.
 """
 
