@@ -27,7 +27,9 @@ strategy place batches on the devices, which also prefetches them to the GPU::
 
 from __future__ import annotations
 
+import queue
 import struct
+import threading
 from typing import Any, Callable
 
 from absl import logging
@@ -52,6 +54,8 @@ DECODE_PARALLELISM = 16
 READ_BUFFER_BYTES = 256 * 1024
 # Records counted at a time when checking a shard against the manifest.
 COUNT_BLOCK = 64
+# Seconds without a batch from the tf.data service after which a pass ends.
+DATA_SERVICE_TIMEOUT = 60.0
 
 
 # ---------------------------------------------------------------------------
@@ -298,7 +302,8 @@ def make_dataset(records_dir: str,
                  input_context: tf.distribute.InputContext | None = None,
                  drop_remainder: bool = False,
                  include_metadata: bool = False,
-                 data_service: str | None = None) -> tf.data.Dataset:
+                 data_service: str | None = None,
+                 data_service_timeout: float | None = DATA_SERVICE_TIMEOUT) -> tf.data.Dataset:
   """The batches of one split of the records under `records_dir`.
 
   Yields `(images, targets)`: images float32 [B, S, S, 3] in [0, 1], targets
@@ -326,6 +331,9 @@ def make_dataset(records_dir: str,
     workers up at the time); this process only receives batches. A worker
     lost mid-epoch loses the rest of its shards for that epoch. Not with
     `cache` (each worker would cache only the shards it happened to read).
+  data_service_timeout: with a data_service, the seconds without a batch
+    after which the pass ends (None: wait forever). TensorFlow's client
+    would otherwise wait forever for the shards of a worker that stopped.
   """
   if data_service and cache:
     raise ValueError('cache and data_service do not go together: each service worker '
@@ -373,8 +381,54 @@ def make_dataset(records_dir: str,
     batches = batches.with_options(options).apply(tf.data.experimental.service.distribute(
         processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
         service=data_service))
+    if data_service_timeout:
+      batches = _ending_after_silence(batches, data_service_timeout)
   batches = batches.prefetch(AUTOTUNE)
   return batches.with_options(options)
+
+
+def _ending_after_silence(dataset: tf.data.Dataset, timeout: float) -> tf.data.Dataset:
+  """`dataset`, ended (with a warning) when no element comes for `timeout` seconds.
+
+  TensorFlow 2.21's tf.data service client waits forever for the shards of a
+  worker the dispatcher has dropped (it logs "Lost worker ... due to
+  timeout"); this bounds the wait, so the epoch ends with what the other
+  workers delivered. The elements pass through a thread of this process.
+  """
+  end = object()
+
+  def elements():
+    ready = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def receive():
+      for element in dataset:
+        while not stop.is_set():
+          try:
+            ready.put(element, timeout=1.0)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      ready.put(end)
+
+    threading.Thread(target=receive, daemon=True, name='data_service_receive').start()
+    try:
+      while True:
+        try:
+          element = ready.get(timeout=timeout)
+        except queue.Empty:
+          logging.warning('no batch from the tf.data service for %.0f s: ending the epoch '
+                          'with what arrived (a worker stopped?)', timeout)
+          return
+        if element is end:
+          return
+        yield element
+    finally:
+      stop.set()
+
+  return tf.data.Dataset.from_generator(elements, output_signature=dataset.element_spec)
 
 
 def distribute_dataset(dataset_or_fn: tf.data.Dataset | Callable[[tf.distribute.InputContext],

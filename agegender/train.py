@@ -113,6 +113,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string('data_service', None,
                       'A tf.data service dispatcher, grpc://HOST:PORT, whose workers run the '
                       'training input pipeline (see agegender.data_service).', **own)
+  flags.DEFINE_float('data_service_timeout', pipeline.DATA_SERVICE_TIMEOUT,
+                     'Seconds without a batch from --data_service after which an epoch ends '
+                     'with what arrived (a stopped service worker; 0: wait forever).', **own)
   flags.DEFINE_string('worker_dir', None,
                       'multi_worker: where a worker other than the chief keeps its training '
                       'state (default: a temporary folder, deleted at exit).', **own)
@@ -176,6 +179,7 @@ class TrainConfig:
   export: bool = True
   verbose: int = 1
   data_service: str | None = None
+  data_service_timeout: float = pipeline.DATA_SERVICE_TIMEOUT  # 0: wait forever.
   worker_dir: str | None = None  # None: a temporary folder.
 
   def __post_init__(self):
@@ -231,7 +235,7 @@ def check_config(config: TrainConfig) -> dict[str, int]:
   _positive(config, ('epochs', 'batch_size', 'learning_rate', 'shuffle_buffer',
                      'steps_per_execution', 'reduce_lr_factor', 'image_size', 'dense_units'))
   for name in ('early_stopping_patience', 'reduce_lr_patience', 'gender_loss_weight',
-               'age_loss_weight', 'min_learning_rate'):
+               'age_loss_weight', 'min_learning_rate', 'data_service_timeout'):
     if getattr(config, name) < 0:
       raise cli.UsageError(f'--{name} must not be negative, got {getattr(config, name)}')
   if config.model not in model_lib.MODELS:
@@ -281,7 +285,8 @@ def _split_dataset(config: TrainConfig, split: str, training: bool, batch_size: 
       image_size=config.image_size, shuffle_buffer=config.shuffle_buffer,
       augment=config.augment and training, deterministic=config.deterministic,
       seed=config.seed, cache=config.cache, input_context=input_context,
-      data_service=config.data_service if training else None)
+      data_service=config.data_service if training else None,
+      data_service_timeout=config.data_service_timeout or None)
 
 
 def training_input(config: TrainConfig, strategy):

@@ -138,3 +138,37 @@ def test_dispatcher_and_worker_commands_serve_until_signalled(tmp_path):
       if process.poll() is None:
         process.kill()
         process.communicate()
+
+
+def test_a_worker_stopped_mid_epoch_does_not_hang_the_trainer(shard_records):
+  """The pass ends after data_service_timeout without a batch; the guard only catches a hang."""
+  import threading  # pylint: disable=g-import-not-at-top
+  dispatcher, workers = _service(2, worker_timeout_ms=1000)
+  served = pipeline.make_dataset(shard_records, 'train', batch_size=8, training=True,
+                                 image_size=SIZE, include_metadata=True,
+                                 data_service=dispatcher.target, data_service_timeout=3)
+  passes = []
+
+  def two_passes():
+    for _ in range(2):
+      names = []
+      for batch, (_, _, metadata) in enumerate(served):
+        names.extend(metadata[contract.FILE_NAME].numpy())
+        if batch == 1 and workers[1] is not None:
+          workers[1]._stop()  # pylint: disable=protected-access
+          workers[1] = None
+      passes.append(names)
+
+  try:
+    trainer = threading.Thread(target=two_passes, daemon=True)
+    trainer.start()
+    trainer.join(timeout=120)  # A hang guard, not a timing.
+    assert not trainer.is_alive(), 'the trainer hangs on the stopped worker'
+  finally:
+    for server in [worker for worker in workers if worker] + [dispatcher]:
+      server._stop()  # pylint: disable=protected-access
+  train_records = contract.read_manifest(shard_records)['splits']['train']['num_examples']
+  assert len(passes) == 2
+  for names in passes:  # What arrived, each record at most once.
+    assert 0 < len(names) <= train_records
+    assert len(set(names)) == len(names)
