@@ -38,6 +38,8 @@ flags.DEFINE_integer('image_size', 128, 'Side of the model input.')
 flags.DEFINE_integer('num_shards', 8, 'Shards per split.')
 flags.DEFINE_integer('epochs', 3, 'Passes per measurement; the best counts.')
 flags.DEFINE_integer('rounds', 2, 'Rounds; the best counts.')
+flags.DEFINE_float('data_service_timeout', 60.0,
+                   'make_dataset\'s data_service_timeout (0: none, TensorFlow\'s client alone).')
 flags.DEFINE_string('json', None, 'Write the figures to this JSON file.')
 
 
@@ -97,7 +99,8 @@ def measure(records_dir: str) -> list[dict]:
 
   def dataset(service=None):
     return pipeline.make_dataset(records_dir, 'train', batch_size=FLAGS.batch_size,
-                                 training=True, image_size=FLAGS.image_size, data_service=service)
+                                 training=True, image_size=FLAGS.image_size, data_service=service,
+                                 data_service_timeout=FLAGS.data_service_timeout or None)
 
   methods = [('local pipeline', 0)] + [
       (f'service, {count} local worker{"s" if count > 1 else ""}', count)
