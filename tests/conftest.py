@@ -23,7 +23,13 @@ def _tiny_config(records_dir, model_dir, **overrides):
   from agegender import train  # pylint: disable=g-import-not-at-top
   values = dict(records_dir=str(records_dir), model_dir=str(model_dir), model='tiny',
                 image_size=IMAGE_SIZE, epochs=6, batch_size=32, learning_rate=1e-3,
-                age_loss='mae', shuffle_buffer=1000, verbose=0)
+                age_loss='mae', shuffle_buffer=1000, verbose=0,
+                # Age errors are years, gender's cross-entropy is a fraction of one:
+                # unweighted, the age head's updates erode the gender features.
+                gender_loss_weight=5.0,
+                # The same run whatever else loads the machine: learning thresholds
+                # must not depend on which batches a busy scheduler hands out first.
+                deterministic=True)
   values.update(overrides)
   return train.TrainConfig(**values)
 
