@@ -8,6 +8,7 @@ types below); only the entry points turn them into an exit.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -22,6 +23,9 @@ class UsageError(Exception):
 
 
 KNOWN_ERRORS = (UsageError, contract.RecordsError)
+# The pipeline's error for a damaged shard surfaces as a TensorFlow runtime
+# error while iterating; its message names the shard and is the user's to read.
+_DAMAGED_SHARD = re.compile(r'corrupt or truncated shard [^\]\n]*')
 
 
 def _program() -> str:
@@ -57,5 +61,10 @@ def run(main: Callable[[list[str]], int | None],
       fail(str(e))
     except KeyboardInterrupt:
       fail('interrupted', status=130)
+    except Exception as e:  # pylint: disable=broad-except
+      damaged = _DAMAGED_SHARD.search(str(e))
+      if damaged is None:
+        raise
+      fail(damaged.group(0).replace('skip_corrupt=True', '--skip_corrupt'))
 
   app.run(guarded, flags_parser=_parse_flags)

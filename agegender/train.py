@@ -101,6 +101,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     'Deterministic input order and ops (same seed, same run); slower.', **own)
   flags.DEFINE_bool('cache', False, 'Keep the serialized records in memory after the first '
                     'epoch (decoding still runs every epoch).', **own)
+  flags.DEFINE_bool('skip_corrupt', False, 'Skip corrupt records (counted and logged per shard) '
+                    'instead of stopping with an error that names the shard.', **own)
   flags.DEFINE_bool('mixed_precision', False,
                     'mixed_float16 compute (for GPUs); the output heads stay float32.', **own)
   flags.DEFINE_bool('jit_compile', False, 'Compile the training step with XLA.', **own)
@@ -167,6 +169,7 @@ class TrainConfig:
   seed: int = 0
   deterministic: bool = False
   cache: bool = False
+  skip_corrupt: bool = False
   mixed_precision: bool = False
   jit_compile: bool = False
   steps_per_execution: int = 1
@@ -284,7 +287,8 @@ def _split_dataset(config: TrainConfig, split: str, training: bool, batch_size: 
       config.records_dir, split, batch_size=batch_size, training=training,
       image_size=config.image_size, shuffle_buffer=config.shuffle_buffer,
       augment=config.augment and training, deterministic=config.deterministic,
-      seed=config.seed, cache=config.cache, input_context=input_context,
+      seed=config.seed, cache=config.cache, skip_corrupt=config.skip_corrupt,
+      input_context=input_context,
       data_service=config.data_service if training else None,
       data_service_timeout=config.data_service_timeout or None)
 
