@@ -44,6 +44,10 @@ RACE = 'race'
 FILE_NAME = 'file_name'
 INT_KEYS = (AGE, GENDER, RACE)
 
+# The model's output names: the pipeline's targets and the model's heads.
+GENDER_OUTPUT = 'gender_output'
+AGE_OUTPUT = 'age_output'
+
 # Image storage kinds.
 JPEG = 'jpeg'  # JPEG bytes: the source's unchanged (size None) or re-encoded at `size`.
 RAW = 'raw'    # uint8 pixels, size x size x 3, row-major.

@@ -149,8 +149,8 @@ def predict_split(model, records_dir: str, split: str = 'test',
              'gender_probability': [], 'race': []}
   for images, _, metadata in dataset:
     outputs = model.predict_on_batch(images)
-    columns['predicted_age'].append(np.reshape(outputs['age_output'], -1))
-    columns['gender_probability'].append(np.reshape(outputs['gender_output'], -1))
+    columns['predicted_age'].append(np.reshape(outputs[contract.AGE_OUTPUT], -1))
+    columns['gender_probability'].append(np.reshape(outputs[contract.GENDER_OUTPUT], -1))
     columns['true_age'].append(metadata['age'].numpy())
     columns['true_gender'].append(metadata['gender'].numpy())
     columns['race'].append(metadata['race'].numpy())

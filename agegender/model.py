@@ -15,8 +15,8 @@ import keras
 from agegender import cli
 from agegender import contract
 
-GENDER_OUTPUT = 'gender_output'
-AGE_OUTPUT = 'age_output'
+GENDER_OUTPUT = contract.GENDER_OUTPUT
+AGE_OUTPUT = contract.AGE_OUTPUT
 
 SEED_CNN = 'seed_cnn'
 TINY = 'tiny'

@@ -38,8 +38,8 @@ import tensorflow as tf
 from agegender import contract
 
 AUTOTUNE = tf.data.AUTOTUNE
-GENDER_OUTPUT = 'gender_output'
-AGE_OUTPUT = 'age_output'
+GENDER_OUTPUT = contract.GENDER_OUTPUT
+AGE_OUTPUT = contract.AGE_OUTPUT
 
 # Records in the training shuffle buffer: about this many times the stored
 # bytes per image of memory (32 MB for UTKFace's source JPEGs). Shard order is
