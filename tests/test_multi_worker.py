@@ -1,12 +1,16 @@
 """Multi-worker training: two worker processes on loopback (TF_CONFIG with 127.0.0.1 ports)
-train one model; only the chief writes --model_dir; each worker reads its own shards."""
+train one model; only the chief writes --model_dir; each worker reads its own shards; workers
+killed with SIGKILL and started again resume from the chief's last saved epoch."""
 
 import csv
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -48,36 +52,48 @@ def _weights(path):
   return arrays
 
 
-@pytest.fixture(scope='module')
-def cluster_run(cluster_records, tmp_path_factory):
-  """Two workers' train runs to the end: (model_dir, worker_dirs, completed processes)."""
-  work = tmp_path_factory.mktemp('cluster')
-  model_dir = work / 'run'
-  worker_dirs = [work / f'worker{index}' for index in range(WORKERS)]
+def _start_workers(records_dir, model_dir, worker_dirs, epochs, verbose=0):
+  """One `agegender.train` process per worker on fresh loopback ports."""
   cluster = {'worker': [f'127.0.0.1:{port}' for port in _free_ports(WORKERS)]}
   processes = []
   for index in range(WORKERS):
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS='0', TF_CPP_MIN_LOG_LEVEL='2',
                TF_CONFIG=json.dumps({'cluster': cluster, 'task': {'type': 'worker',
                                                                   'index': index}}))
-    command = [sys.executable, '-m', 'agegender.train', f'--records_dir={cluster_records}',
+    command = [sys.executable, '-m', 'agegender.train', f'--records_dir={records_dir}',
                f'--model_dir={model_dir}', f'--worker_dir={worker_dirs[index]}',
                '--distribution_strategy=multi_worker', '--model=tiny', f'--image_size={SIZE}',
-               '--epochs=2', '--batch_size=32', '--learning_rate=1e-3', '--age_loss=mae',
-               '--shuffle_buffer=300', '--verbose=0', '--notensorboard']
+               f'--epochs={epochs}', '--batch_size=32', '--learning_rate=1e-3',
+               '--age_loss=mae', '--shuffle_buffer=300', f'--verbose={verbose}',
+               '--notensorboard']
     processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, env=env))
+  return processes
+
+
+def _finish(processes, timeout=240):
+  """[(exit status, stdout, stderr)] of each process; kills any still running at the end."""
   completed = []
   try:
     for process in processes:
-      out, err = process.communicate(timeout=240)
+      out, err = process.communicate(timeout=timeout)
       completed.append((process.returncode, out, err))
   finally:
     for process in processes:
       if process.poll() is None:
         process.kill()
         process.communicate()
-  return model_dir, worker_dirs, completed
+  return completed
+
+
+@pytest.fixture(scope='module')
+def cluster_run(cluster_records, tmp_path_factory):
+  """Two workers' train runs to the end: (model_dir, worker_dirs, completed processes)."""
+  work = tmp_path_factory.mktemp('cluster')
+  model_dir = work / 'run'
+  worker_dirs = [work / f'worker{index}' for index in range(WORKERS)]
+  processes = _start_workers(cluster_records, model_dir, worker_dirs, epochs=2)
+  return model_dir, worker_dirs, _finish(processes)
 
 
 def test_both_workers_finish_and_only_the_chief_writes_the_outputs(cluster_run):
@@ -103,6 +119,56 @@ def test_both_workers_finish_and_only_the_chief_writes_the_outputs(cluster_run):
 
 def test_both_workers_end_with_the_same_weights(cluster_run):
   model_dir, worker_dirs, _ = cluster_run
+  chief = _weights(os.path.join(model_dir, 'backup', 'latest.weights.h5'))
+  other = _weights(os.path.join(worker_dirs[1], 'backup', 'latest.weights.h5'))
+  assert chief.keys() == other.keys() and chief
+  for name, values in chief.items():
+    np.testing.assert_array_equal(values, other[name], err_msg=name)
+
+
+def _saved_epoch(model_dir):
+  """Epochs finished in the backup of `model_dir` (0 before the first)."""
+  try:
+    with open(os.path.join(model_dir, 'backup', 'training_metadata.json')) as f:
+      return json.load(f)['epoch']
+  except (OSError, ValueError):
+    return 0
+
+
+def _history(model_dir):
+  with open(os.path.join(model_dir, 'history.csv'), newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def test_workers_killed_and_restarted_resume_from_the_saved_epoch(cluster_records, tmp_path):
+  epochs = 3
+  model_dir = tmp_path / 'run'
+  worker_dirs = [tmp_path / f'worker{index}' for index in range(WORKERS)]
+  processes = _start_workers(cluster_records, model_dir, worker_dirs, epochs)
+  try:
+    while _saved_epoch(model_dir) < 1 and all(p.poll() is None for p in processes):
+      time.sleep(0.02)
+    for process in processes:
+      os.kill(process.pid, signal.SIGKILL)
+  finally:
+    killed = _finish(processes, timeout=60)
+  for status, _, err in killed:
+    assert status == -signal.SIGKILL, err[-3000:]
+  saved = _saved_epoch(model_dir)
+  assert 1 <= saved < epochs, 'the workers should be killed before their last epoch'
+  finished_before = [row for row in _history(model_dir) if int(row['epoch']) < saved]
+
+  # verbose=2 prints "Epoch N/3" as each epoch begins: the restart's epochs.
+  restarted = _finish(_start_workers(cluster_records, model_dir, worker_dirs, epochs,
+                                     verbose=2))
+  for status, _, err in restarted:
+    assert status == 0, err[-3000:]
+  for _, out, _ in restarted:
+    begun = [int(n) - 1 for n in re.findall(rf'^Epoch (\d+)/{epochs}$', out, re.MULTILINE)]
+    assert begun == list(range(saved, epochs)), out[-2000:]
+  rows = _history(model_dir)
+  assert [int(row['epoch']) for row in rows] == list(range(epochs))
+  assert rows[:saved] == finished_before  # Those epochs' rows were not written again.
   chief = _weights(os.path.join(model_dir, 'backup', 'latest.weights.h5'))
   other = _weights(os.path.join(worker_dirs[1], 'backup', 'latest.weights.h5'))
   assert chief.keys() == other.keys() and chief
