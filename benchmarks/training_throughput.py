@@ -7,6 +7,9 @@
 2. in-memory: the same compiled model trains on one batch of that pipeline,
    held in memory and repeated: the input costs nothing.
 
+Both train through agegender.train.run_epochs, the loop every training run
+uses, on one device (the first GPU, or the CPU).
+
 Also the input alone (the pipeline iterated without a model). The ratio
 pipeline / in-memory near 1 means the input keeps up; well below 1 means
 training waits for input. Without --records_dir it converts --count synthetic
@@ -59,10 +62,17 @@ class _BatchClock:
     return self.times[-1] - self.times[self.warmup - 1]
 
 
-def _train_images_per_second(model, dataset, steps: int, warmup: int, batch_size: int) -> float:
+def _train_images_per_second(model, strategy, dataset, steps: int, warmup: int,
+                             batch_size: int) -> float:
+  """One epoch of `warmup + steps` batches of `dataset` through train.run_epochs."""
+  from agegender import train  # pylint: disable=g-import-not-at-top
   clock = _BatchClock(warmup)
-  model.fit(dataset, epochs=1, steps_per_epoch=warmup + steps, callbacks=[clock.callback],
-            shuffle=False, verbose=0)
+  # One batch of validation: run_epochs ends each epoch with it, after the timed steps.
+  train.run_epochs(
+      model, strategy, strategy.experimental_distribute_dataset(dataset.take(warmup + steps)),
+      strategy.experimental_distribute_dataset(dataset.take(1)), epochs=1,
+      steps_per_epoch=warmup + steps, train_examples=(warmup + steps) * batch_size,
+      callbacks=[clock.callback], verbose=0)
   return steps * batch_size / clock.seconds()
 
 
@@ -95,20 +105,27 @@ def measure(records_dir: str, model_name: str, *, steps: int, warmup: int, batch
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from agegender import pipeline  # pylint: disable=g-import-not-at-top
+  from agegender import train  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(0)
-  model = model_lib.compile_model(model_lib.build_model(
-      model_name, image_size=image_size, initial_age=30.0, mixed_precision=mixed_precision))
+  strategy = train.make_strategy('one_device')
   streamed = pipeline.make_dataset(records_dir, 'train', batch_size=batch_size, training=True,
                                    image_size=image_size, drop_remainder=True).repeat()
+  with strategy.scope():
+    model = model_lib.compile_model(model_lib.build_model(
+        model_name, image_size=image_size, initial_age=30.0, mixed_precision=mixed_precision))
+    # Optimizer and metric variables now, under the strategy, as agegender.train does.
+    model._symbolic_build(data_batch=streamed.element_spec)  # pylint: disable=protected-access
   one_batch = next(iter(streamed))
   in_memory = tf.data.Dataset.from_tensors(one_batch).repeat()
   rounds = {'pipeline': [], 'in_memory': []}
   for _ in range(repeats):
     for way, dataset in (('in_memory', in_memory), ('pipeline', streamed)):
-      rounds[way].append(_train_images_per_second(model, dataset, steps, warmup, batch_size))
+      rounds[way].append(_train_images_per_second(model, strategy, dataset, steps, warmup,
+                                                  batch_size))
   results = {
       'model': model_name, 'batch_size': batch_size, 'image_size': image_size,
       'steps': steps, 'repeats': repeats, 'mixed_precision': mixed_precision,
+      'loop': 'agegender.train.run_epochs', 'strategy': type(strategy).__name__,
       'device': device_name(), 'tensorflow': tf.__version__,
       'input_alone_images_per_s': _input_images_per_second(streamed, steps * 3, warmup,
                                                            batch_size),
@@ -124,7 +141,7 @@ def format_table(results: dict) -> str:
   return '\n'.join([
       f'training throughput: {results["model"]}, batch {results["batch_size"]}, '
       f'{results["image_size"]}px, best of {results["repeats"]} rounds of {results["steps"]} '
-      f'steps, on {results["device"]}',
+      f'steps, through {results["loop"]} ({results["strategy"]}) on {results["device"]}',
       f'  {"input alone (no model)":<32} {results["input_alone_images_per_s"]:>10.1f} images/s',
       f'  {"training on the pipeline":<32} {results["pipeline_images_per_s"]:>10.1f} images/s',
       f'  {"training on one in-memory batch":<32} {results["in_memory_images_per_s"]:>10.1f} '
