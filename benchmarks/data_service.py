@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import time
 from absl import flags
 
 from agegender import cli
+
+import machine  # benchmarks/machine.py, beside this script
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('count', 2000, 'Synthetic images (about 80% train).')
@@ -41,16 +42,6 @@ flags.DEFINE_integer('rounds', 2, 'Rounds; the best counts.')
 flags.DEFINE_float('data_service_timeout', 60.0,
                    'make_dataset\'s data_service_timeout (0: none, TensorFlow\'s client alone).')
 flags.DEFINE_string('json', None, 'Write the figures to this JSON file.')
-
-
-def machine() -> str:
-  model = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return f'{os.cpu_count()}-core CPU ({model})'
 
 
 def _best_rate(dataset, epochs: int) -> float:
@@ -132,14 +123,14 @@ def main(argv: list[str]) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   gpus = len(tf.config.list_physical_devices('GPU'))
   print(f'{train_records:,} training records (synthetic, source JPEGs, {FLAGS.num_shards} '
-        f'shards); batch {FLAGS.batch_size}, image size {FLAGS.image_size}; {machine()}, '
+        f'shards); batch {FLAGS.batch_size}, image size {FLAGS.image_size}; {machine.describe_cpu()}, '
         f'{gpus or "no"} GPU')
   print(f'{"method":28} {"images/s":>9} {"x local":>8}')
   for row in rows:
     print(f'{row["method"]:28} {row["images_per_s"]:9,.0f} {row["vs_local"]:8.2f}')
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
-      json.dump({'machine': machine(), 'gpus': gpus, 'train_records': train_records,
+      json.dump({'machine': machine.describe_cpu(), 'gpus': gpus, 'train_records': train_records,
                  'batch_size': FLAGS.batch_size, 'image_size': FLAGS.image_size,
                  'rows': rows}, f, indent=2)
 

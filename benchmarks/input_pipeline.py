@@ -26,7 +26,6 @@ import glob
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -37,6 +36,8 @@ import time
 from absl import flags
 
 from agegender import cli
+
+import machine  # benchmarks/machine.py, beside this script
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('count', 4000, 'Images for the speed comparison.')
@@ -226,16 +227,6 @@ def make_records(images_dir: str, records_dir: str, image_format: str,
 # ---------------------------------------------------------------------------
 # The comparison.
 
-def machine() -> str:
-  model = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return f'{os.cpu_count()}-core CPU ({model})'
-
-
 def _best_of(results: list[dict]) -> dict:
   best = dict(max(results, key=lambda r: r['images_per_s']))
   best['round_rates'] = [r['images_per_s'] for r in results]
@@ -323,11 +314,11 @@ def main(argv: list[str]) -> None:
     memory = memory_comparison(work, images_dir)
   gpus = speed[-1].get('gpus', 0)
   header = (f'{FLAGS.count:,} {data}; batch {FLAGS.batch_size}, image size '
-            f'{FLAGS.image_size}; {machine()}, {gpus or "no"} GPU')
+            f'{FLAGS.image_size}; {machine.describe_cpu()}, {gpus or "no"} GPU')
   print_tables(header, speed, memory)
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
-      json.dump({'machine': machine(), 'gpus': gpus, 'data': data, 'count': FLAGS.count,
+      json.dump({'machine': machine.describe_cpu(), 'gpus': gpus, 'data': data, 'count': FLAGS.count,
                  'batch_size': FLAGS.batch_size, 'image_size': FLAGS.image_size,
                  'speed': speed, 'memory': memory}, f, indent=2)
 
