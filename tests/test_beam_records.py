@@ -18,34 +18,20 @@ from absl.testing import flagsaver
 
 from agegender import beam_records, cli, contract, labels, make_records, records, synthetic
 
+import folders  # tests/folders.py
+
 BEAM_OPTIONS = ('--runner=DirectRunner --direct_num_workers=2 '
                 '--direct_running_mode=multi_processing')
 TIMINGS = ('elapsed_s', 'images_per_s', 'records_dir')
-
-
-def _write_folder(root, files):
-  for name, data in files.items():
-    path = os.path.join(root, *name.split('/'))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'wb') as f:
-      f.write(data)
-  return str(root)
 
 
 def _folder_with_copies_and_bad_files(root):
   faces = dict(synthetic.generate_synthetic(30, seed=5, image_size=64))
   files = {f'UTKFace/{name}': data for name, data in faces.items()}
   files.update({f'crop_part1/{name}': faces[name] for name in sorted(faces)[:6]})
-  data = faces[sorted(faces)[0]]
-  files.update({
-      'bad/not_a_utkface_name.jpg': data,
-      'bad/130_0_0_20170101000000001.jpg': data,
-      'bad/30_0_0_20170101000000002.jpg': b'',
-      'bad/30_1_0_20170101000000003.jpg': data[:len(data) // 2],
-      'bad/30_0_1_20170101000000004.jpg': b'plain text, not an image',
-      '.hidden/30_0_1_20170101000000005.jpg': data,
-  })
-  return _write_folder(root, files)
+  files.update(folders.bad_files(faces))
+  files['.hidden/30_0_1_20170101000000005.jpg'] = faces[sorted(faces)[0]]
+  return folders.write_folder(root, files)
 
 
 def _run_make_records(*args):
@@ -188,7 +174,7 @@ def test_a_beam_run_that_finds_nothing_keeps_the_existing_records(outputs, tmp_p
   out = str(tmp_path / 'records')
   records.convert('synthetic', out, synthetic_count=12, progress=False)
   before = _files(contract.dataset_dir(out))
-  bad = _write_folder(tmp_path / 'bad', {'notes.txt': b'no faces here',
+  bad = folders.write_folder(tmp_path / 'bad', {'notes.txt': b'no faces here',
                                          '30_0_0_20170101000000002.jpg': b''})
   status, _, stderr = _run_make_records(
       f'--source={bad}', f'--records_dir={out}', '--overwrite', '--runner=beam',

@@ -16,6 +16,8 @@ from PIL import Image
 
 from agegender import cli, contract, labels, records, synthetic
 
+import folders  # tests/folders.py
+
 OPTIONS = records.ConvertOptions()
 
 
@@ -28,27 +30,6 @@ def _jpeg(mode, color, image_format='JPEG'):
   buffer = io.BytesIO()
   Image.new(mode, (24, 24), color).save(buffer, format=image_format)
   return buffer.getvalue()
-
-
-def _write_folder(root, files):
-  os.makedirs(root, exist_ok=True)
-  for name, data in files.items():
-    path = os.path.join(root, *name.split('/'))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'wb') as f:
-      f.write(data)
-  return str(root)
-
-
-def _bad_files(faces):
-  data = faces[sorted(faces)[0]]
-  return {
-      'bad/not_a_utkface_name.jpg': data,
-      'bad/130_0_0_20170101000000001.jpg': data,
-      'bad/30_0_0_20170101000000002.jpg': b'',
-      'bad/30_1_0_20170101000000003.jpg': data[:len(data) // 2],
-      'bad/30_0_1_20170101000000004.jpg': b'plain text, not an image',
-  }
 
 
 def _read_split(records_root, split):
@@ -101,7 +82,7 @@ def test_rgb_jpeg_is_stored_unchanged(faces):
     (4, records.NOT_AN_IMAGE, 'cannot identify'),
 ])
 def test_bad_inputs_are_rejected_with_the_reason(faces, index, kind, detail):
-  name, data = list(_bad_files(faces).items())[index]
+  name, data = list(folders.bad_files(faces).items())[index]
   result = records.convert_image(name, data, OPTIONS)
   assert isinstance(result, records.Rejected)
   assert (result.name, result.kind) == (name, kind)
@@ -153,8 +134,8 @@ def test_kaggle_layout_with_duplicates_and_bad_files(tmp_path, faces):
     files[f'utkface_aligned_cropped/UTKFace/{name}'] = data
   for name in sorted(faces)[:5]:
     files[f'crop_part1/{name}'] = faces[name]
-  files.update(_bad_files(faces))
-  summary = records.convert(_write_folder(tmp_path / 'src', files), str(tmp_path / 'out'),
+  files.update(folders.bad_files(faces))
+  summary = records.convert(folders.write_folder(tmp_path / 'src', files), str(tmp_path / 'out'),
                             progress=False)
 
   assert summary['accepted_total'] == len(faces)
@@ -162,7 +143,7 @@ def test_kaggle_layout_with_duplicates_and_bad_files(tmp_path, faces):
   assert summary['rejected'] == {records.BAD_NAME: 2, records.EMPTY: 1,
                                  records.NOT_AN_IMAGE: 1, records.TRUNCATED: 1}
   manifest = contract.read_manifest(str(tmp_path / 'out'))
-  assert sorted(r['file'] for r in manifest['rejected']) == sorted(_bad_files(faces))
+  assert sorted(r['file'] for r in manifest['rejected']) == sorted(folders.bad_files(faces))
   assert all(d['same_as'] == 'UTKFace/' + d['file'].rsplit('/', 1)[-1]
              for d in manifest['duplicates'])
   rows = [row for split in contract.SPLITS for row in _read_split(str(tmp_path / 'out'), split)]
@@ -174,7 +155,7 @@ def test_kaggle_layout_with_duplicates_and_bad_files(tmp_path, faces):
 
 
 def test_archives_give_the_folders_records(tmp_path, faces):
-  folder = _write_folder(tmp_path / 'src', faces)
+  folder = folders.write_folder(tmp_path / 'src', faces)
   with tarfile.open(tmp_path / 'faces.tar.gz', 'w:gz') as archive:
     archive.add(folder, arcname='.')
   with zipfile.ZipFile(tmp_path / 'faces.zip', 'w') as archive:
@@ -191,7 +172,7 @@ def test_archives_give_the_folders_records(tmp_path, faces):
 
 
 def test_reruns_are_byte_identical_and_shards_ordered_by_hash(tmp_path, faces):
-  folder = _write_folder(tmp_path / 'src', faces)
+  folder = folders.write_folder(tmp_path / 'src', faces)
   outputs = []
   for workers in (1, 3):
     out = str(tmp_path / f'out-{workers}')
@@ -214,9 +195,9 @@ def test_splits_are_stable_under_renaming_and_adding(tmp_path, faces):
     face = labels.parse_utkface_name(name)
     return f'moved/{face.age}_{face.gender}_{face.race}_99{name.split("_")[3]}'
 
-  before = _write_folder(tmp_path / 'before', faces)
+  before = folders.write_folder(tmp_path / 'before', faces)
   more = dict(synthetic.generate_synthetic(15, seed=12, image_size=64))
-  after = _write_folder(tmp_path / 'after', {**{renamed(n): d for n, d in faces.items()}, **more})
+  after = folders.write_folder(tmp_path / 'after', {**{renamed(n): d for n, d in faces.items()}, **more})
   splits = []
   for source in (before, after):
     out = str(tmp_path / f'out-{len(splits)}')
@@ -228,7 +209,7 @@ def test_splits_are_stable_under_renaming_and_adding(tmp_path, faces):
 
 
 def test_a_killed_conversion_reruns_to_the_clean_output(tmp_path, faces, monkeypatch):
-  folder = _write_folder(tmp_path / 'src', faces)
+  folder = folders.write_folder(tmp_path / 'src', faces)
   clean, crashed = str(tmp_path / 'clean'), str(tmp_path / 'crashed')
   records.convert(folder, clean, num_shards=3, progress=False)
 
@@ -276,12 +257,12 @@ def test_existing_output_is_kept_unless_asked(tmp_path):
 
 
 def test_nothing_valid_is_an_error_and_writes_nothing(tmp_path, faces):
-  folder = _write_folder(tmp_path / 'src', _bad_files(faces))
+  folder = folders.write_folder(tmp_path / 'src', folders.bad_files(faces))
   with pytest.raises(cli.UsageError, match='no valid images.*all 5 files rejected'):
     records.convert(folder, str(tmp_path / 'out'), progress=False)
   assert not os.path.exists(tmp_path / 'out')
   with pytest.raises(cli.UsageError, match='no files found'):
-    records.convert(_write_folder(tmp_path / 'empty', {}), str(tmp_path / 'out'), progress=False)
+    records.convert(folders.write_folder(tmp_path / 'empty', {}), str(tmp_path / 'out'), progress=False)
 
 
 @pytest.mark.parametrize('image_format, image_size', [('jpeg', None), ('jpeg', 32), ('raw', 32)])
@@ -319,7 +300,7 @@ def test_workers_are_processes_without_tensorflow():
 
 
 def test_the_process_pool_converts_as_one_process_does(faces):
-  stream = list(faces.items()) + list(_bad_files(faces).items())
+  stream = list(faces.items()) + list(folders.bad_files(faces).items())
   alone = list(records.convert_stream(stream, OPTIONS, workers=1))
   assert list(records.convert_stream(stream, OPTIONS, workers=2, chunk_size=3)) == alone
   assert [r.name for r in alone] == [name for name, _ in stream]

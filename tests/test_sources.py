@@ -10,18 +10,12 @@ import requests
 
 from agegender import cli, sources, synthetic
 
+import folders  # tests/folders.py
+
 
 @pytest.fixture(scope='module')
 def faces():
   return dict(synthetic.generate_synthetic(4, seed=7, image_size=48))
-
-
-def _write_folder(root, files):
-  for name, data in files.items():
-    path = os.path.join(root, *name.split('/'))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'wb') as f:
-      f.write(data)
 
 
 def _nested(faces):
@@ -43,7 +37,7 @@ def _kept(files):
 
 def test_folder_is_searched_recursively(tmp_path, faces):
   files = _nested(faces)
-  _write_folder(tmp_path, files)
+  folders.write_folder(tmp_path, files)
   source = sources.open_source(str(tmp_path))
   assert source.kind == 'folder' and source.total == len(_kept(files))
   assert dict(source) == _kept(files)
@@ -136,7 +130,7 @@ def test_kaggle_offline_names_the_other_sources(monkeypatch):
 
 def test_kaggle_reads_the_downloaded_folder(monkeypatch, tmp_path, faces):
   import kagglehub
-  _write_folder(tmp_path, _nested(faces))
+  folders.write_folder(tmp_path, _nested(faces))
   handles = []
   monkeypatch.setattr(kagglehub, 'dataset_download',
                       lambda handle: handles.append(handle) or str(tmp_path))
