@@ -1,14 +1,14 @@
 """What every `python -m agegender.*` entry point shares: one-line errors.
 
 Bad input ends with `<program>: error: <reason>` on stderr and exit status 2,
-never a traceback. Library code raises UsageError (or one of the known error
-types below); only the entry points turn them into an exit.
+never a traceback. Library code raises ValueError or contract.RecordsError
+with text that names no flag; each entry point turns what it can name into a
+UsageError (naming its flag), and `run` turns those into an exit.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from typing import Callable, Sequence
 
@@ -23,9 +23,6 @@ class UsageError(Exception):
 
 
 KNOWN_ERRORS = (UsageError, contract.RecordsError)
-# The pipeline's error for a damaged shard surfaces as a TensorFlow runtime
-# error while iterating; its message names the shard and is the user's to read.
-_DAMAGED_SHARD = re.compile(r'corrupt or truncated shard [^\]\n]*')
 
 
 def _program() -> str:
@@ -61,10 +58,5 @@ def run(main: Callable[[list[str]], int | None],
       fail(str(e))
     except KeyboardInterrupt:
       fail('interrupted', status=130)
-    except Exception as e:  # pylint: disable=broad-except
-      damaged = _DAMAGED_SHARD.search(str(e))
-      if damaged is None:
-        raise
-      fail(damaged.group(0).replace('skip_corrupt=True', '--skip_corrupt'))
 
   app.run(guarded, flags_parser=_parse_flags)

@@ -212,3 +212,21 @@ def split_shards(manifest: dict[str, Any], split: str) -> list[str]:
 
 def image_storage(manifest: dict[str, Any]) -> ImageStorage:
   return ImageStorage.from_json(manifest['image_storage'])
+
+
+def label_statistics(manifest: dict[str, Any], split: str) -> dict[str, Any]:
+  """STOPGAP until the manifest carries statistics: reads the split's labels."""
+  import numpy as np
+  import tensorflow as tf
+  spec = {key: tf.io.FixedLenFeature([], tf.int64) for key in (AGE, GENDER)}
+  dataset = (tf.data.TFRecordDataset(split_shards(manifest, split))
+             .batch(4096).map(lambda records: tf.io.parse_example(records, spec)))
+  ages, genders = [], []
+  for batch in dataset.as_numpy_iterator():
+    ages.append(batch[AGE])
+    genders.append(batch[GENDER])
+  ages, genders = np.concatenate(ages), np.concatenate(genders)
+  majority = int(np.mean(genders) > 0.5)
+  return {'num_examples': int(ages.size), 'mean_age': float(ages.mean()),
+          'age_std': float(ages.std()), 'majority_gender': majority,
+          'majority_share': float(np.mean(genders == majority))}

@@ -121,30 +121,14 @@ def plot_predicted_age(true_age, predicted_age, path: str) -> str:
 
 # ---- Reading the records and running the model. ----
 
-def label_statistics(records_dir: str, split: str = 'train') -> dict[str, Any]:
-  """Mean age and majority gender of a split, read from the labels alone (no image decoding)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  manifest = contract.read_manifest(records_dir)
-  spec = {key: tf.io.FixedLenFeature([], tf.int64) for key in (contract.AGE, contract.GENDER)}
-  dataset = (tf.data.TFRecordDataset(contract.split_shards(manifest, split))
-             .batch(4096).map(lambda records: tf.io.parse_example(records, spec)))
-  ages, genders = [], []
-  for batch in dataset.as_numpy_iterator():
-    ages.append(batch[contract.AGE])
-    genders.append(batch[contract.GENDER])
-  if not ages:
-    raise contract.RecordsError(f'the {split} split under {records_dir} has no examples')
-  ages, genders = np.concatenate(ages), np.concatenate(genders)
-  return {'count': int(ages.size), 'mean_age': float(ages.mean()),
-          'majority_gender': int(np.mean(genders) > 0.5)}
-
-
 def predict_split(model, records_dir: str, split: str = 'test',
                   batch_size: int = 128) -> dict[str, np.ndarray]:
   """The model's predictions beside the labels, for every image of a split, in record order."""
+  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
   from agegender import pipeline  # pylint: disable=g-import-not-at-top
-  dataset = pipeline.make_dataset(records_dir, split, batch_size=batch_size, training=False,
-                                  image_size=int(model.input_shape[1]), include_metadata=True)
+  data = config_lib.DataConfig(records_dir=records_dir, batch_size=batch_size,
+                               image_size=int(model.input_shape[1]))
+  dataset = pipeline.make_dataset(data, split, include_metadata=True)
   columns = {'true_age': [], 'predicted_age': [], 'true_gender': [],
              'gender_probability': [], 'race': []}
   for images, _, metadata in dataset:
@@ -168,7 +152,7 @@ def output_paths(output_dir: str, split: str) -> dict[str, str]:
 def evaluate_model(model, records_dir: str, *, split: str = 'test', output_dir: str | None = None,
                    batch_size: int = 128) -> dict[str, Any]:
   """Evaluates `model` on a split; writes metrics JSON, table and plot when output_dir is given."""
-  baseline = label_statistics(records_dir, 'train')
+  baseline = contract.label_statistics(contract.read_manifest(records_dir), 'train')
   predictions = predict_split(model, records_dir, split, batch_size)
   metrics = evaluation_metrics(
       predictions['true_age'], predictions['predicted_age'], predictions['true_gender'],
@@ -216,7 +200,7 @@ def main(argv):
 
 def console_main():
   define_flags()
-  cli.run(main)
+  cli.run(main, extra_errors=(FileNotFoundError,))
 
 
 if __name__ == '__main__':

@@ -2,7 +2,7 @@
 
 The signature `serving_default` takes a batch of JPEG or PNG bytes of any size
 (`image_bytes`, tf.string [None]) and runs the pipeline's own
-`preprocess_encoded_image` before the model, so serving cannot drift from
+`preprocess.preprocess_encoded_image` before the model, so serving cannot drift from
 training. It returns `age` (float32 [None], years), `gender_probability`
 (float32 [None], the probability of female, UTKFace's gender 1) and `gender`
 (tf.string [None], 'male' or 'female').
@@ -13,23 +13,21 @@ training. It returns `age` (float32 [None], years), `gender_probability`
 
 from __future__ import annotations
 
-import contextlib
-import logging as python_logging
 import os
 import shutil
 
 from absl import flags
-from absl import logging
 import keras
 import tensorflow as tf
 
 from agegender import cli
+from agegender import contract
 from agegender import labels as labels_lib
-from agegender import model as model_lib  # Registers the custom layers for safe loading.
-from agegender import pipeline
+from agegender import model as model_lib  # pylint: disable=unused-import  # Registers custom layers.
+from agegender import preprocess
+from agegender import run_state
+from agegender.run_state import EXPORT_DIR, MODEL_FILE
 
-MODEL_FILE = 'model.keras'
-EXPORT_DIR = 'export'
 SIGNATURE = 'serving_default'
 INPUT_NAME = 'image_bytes'
 
@@ -43,7 +41,7 @@ def load_keras_model(model_dir_or_file: str) -> keras.Model:
   """Loads a run's model.keras (or a .keras file) with Keras's safe mode: no code from the file runs."""
   path = keras_model_path(model_dir_or_file)
   if not os.path.isfile(path):
-    raise cli.UsageError(f'no model at {path}; train one with `python -m agegender.train`')
+    raise FileNotFoundError(f'no model at {path}; train one with `python -m agegender.train`')
   return keras.models.load_model(path, compile=False, safe_mode=True)
 
 
@@ -57,28 +55,15 @@ def serving_function(model: keras.Model):
   genders = tf.constant(labels_lib.GENDERS)
 
   def serve(image_bytes):
-    # Each image through pipeline.preprocess_encoded_image, the training preprocessing.
-    images = pipeline.preprocess_encoded_batch(image_bytes, image_size=image_size)
+    # Each image through preprocess_encoded_image, the training preprocessing.
+    images = preprocess.preprocess_encoded_batch(image_bytes, image_size=image_size)
     outputs = model(images, training=False)
-    probability = tf.reshape(tf.cast(outputs[model_lib.GENDER_OUTPUT], tf.float32), [-1])
-    age = tf.reshape(tf.cast(outputs[model_lib.AGE_OUTPUT], tf.float32), [-1])
+    probability = tf.reshape(tf.cast(outputs[contract.GENDER_OUTPUT], tf.float32), [-1])
+    age = tf.reshape(tf.cast(outputs[contract.AGE_OUTPUT], tf.float32), [-1])
     gender = tf.gather(genders, tf.cast(probability >= 0.5, tf.int32))
     return {'age': age, 'gender_probability': probability, 'gender': gender}
 
   return serve
-
-
-@contextlib.contextmanager
-def _quiet():
-  # SavedModel writing logs each step at INFO; a user needs only the result.
-  verbosity, tf_level = logging.get_verbosity(), tf.get_logger().level
-  logging.set_verbosity(logging.WARNING)
-  tf.get_logger().setLevel(python_logging.WARNING)
-  try:
-    yield
-  finally:
-    logging.set_verbosity(verbosity)
-    tf.get_logger().setLevel(tf_level)
 
 
 def export_saved_model(model: keras.Model, export_dir: str) -> str:
@@ -90,7 +75,7 @@ def export_saved_model(model: keras.Model, export_dir: str) -> str:
   # Written beside the target and moved into place, so a reader never sees half an export.
   partial = f'{export_dir.rstrip(os.sep)}.partial'
   shutil.rmtree(partial, ignore_errors=True)
-  with _quiet():
+  with run_state.quiet():
     archive.write_out(partial, verbose=False)
   shutil.rmtree(export_dir, ignore_errors=True)
   os.replace(partial, export_dir)
@@ -126,7 +111,7 @@ def main(argv):
 
 def console_main():
   define_flags()
-  cli.run(main)
+  cli.run(main, extra_errors=(FileNotFoundError,))
 
 
 if __name__ == '__main__':

@@ -25,10 +25,10 @@ import numpy as np
 import tensorflow as tf
 
 from agegender import cli
+from agegender import contract
 from agegender import export
 from agegender import labels as labels_lib
-from agegender import model as model_lib
-from agegender import pipeline
+from agegender import preprocess
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 
@@ -56,7 +56,7 @@ def _load_image(path: str, image_size: int) -> tuple[np.ndarray | None, str | No
   try:
     with open(path, 'rb') as f:
       encoded = f.read()
-    return pipeline.preprocess_encoded_image(encoded, image_size=image_size).numpy(), None
+    return preprocess.preprocess_encoded_image(encoded, image_size=image_size).numpy(), None
   except OSError as e:
     return None, e.strerror or str(e)
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
@@ -75,8 +75,8 @@ def _predict_chunk(model, chunk: list[tuple[str, str | None]], image_size: int):
             for path, reason in chunk]
   images = [image for _, image, _ in loaded if image is not None]
   outputs = model.predict_on_batch(np.stack(images)) if images else {}
-  ages = iter(np.reshape(outputs.get(model_lib.AGE_OUTPUT, []), -1))
-  females = iter(np.reshape(outputs.get(model_lib.GENDER_OUTPUT, []), -1))
+  ages = iter(np.reshape(outputs.get(contract.AGE_OUTPUT, []), -1))
+  females = iter(np.reshape(outputs.get(contract.GENDER_OUTPUT, []), -1))
   for path, image, reason in loaded:
     if image is None:
       yield {'file': path, 'error': reason}
@@ -137,7 +137,7 @@ def main(argv):
 
 def console_main():
   define_flags()
-  cli.run(main)
+  cli.run(main, extra_errors=(FileNotFoundError,))
 
 
 if __name__ == '__main__':

@@ -1,0 +1,214 @@
+"""One configuration for training: four small dataclasses, each default written once.
+
+  Config(data=DataConfig(...), model=ModelConfig(...), optim=OptimConfig(...), run=RunConfig(...))
+
+`DataConfig` is what the input pipeline needs, `ModelConfig` what builds the
+model, `OptimConfig` the losses, the optimizer and the schedule, `RunConfig`
+where and how a run executes. The command line's flags are derived from these
+fields (`agegender.flags_from_config`), so a flag's name, default and help are
+the field's. A recipe is a named set of values over the defaults:
+`reference` is the seed notebook's model, losses and optimizer, exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from agegender import contract
+
+MODELS = ('seed_cnn', 'tiny', 'resnet50', 'efficientnet_b0', 'mobilenet_v3_small')
+STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
+AGE_LOSSES = ('huber', 'mae', 'mse')
+SCHEDULES = ('cosine', 'constant')
+WEIGHTS = ('none', 'imagenet')
+
+
+def _field(default, help_text: str, choices: tuple[str, ...] | None = None):
+  metadata = {'help': help_text}
+  if choices:
+    metadata['choices'] = choices
+  if isinstance(default, (list, tuple)):
+    return dataclasses.field(default_factory=lambda: tuple(default), metadata=metadata)
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What the input pipeline reads and how it batches."""
+  records_dir: str = _field('records', 'Records written by agegender.make_records.')
+  image_size: int = _field(contract.DEFAULT_IMAGE_SIZE,
+                           'Side of the square input images, in pixels.')
+  batch_size: int = _field(128, 'Global batch size (split over the replicas).')
+  shuffle_buffer: int = _field(2_000, 'Training shuffle buffer, in records (the pipeline\'s '
+                               'main memory: about this many stored images).')
+  augment: bool = _field(True, 'Random flips and small shifts of training images.')
+  deterministic: bool = _field(False, 'The same input order and augmentation on every run '
+                               '(from --seed); slower.')
+  seed: int = _field(0, 'Seed of the weights, the shuffle and the augmentation.')
+  cache: bool = _field(False, 'Keep the serialized records in memory after the first epoch.')
+  skip_corrupt: bool = _field(False, 'Skip corrupt records (counted and logged per shard) '
+                              'instead of stopping with an error that names the shard.')
+  data_service: str = _field('', 'A tf.data service dispatcher, grpc://HOST:PORT, whose '
+                             'workers run the training input pipeline.')
+  data_service_timeout: float = _field(60.0, 'Seconds without a batch from the service after '
+                                       'which an epoch ends with what arrived (0: wait forever).')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The network: its architecture and precision."""
+  model: str = _field('seed_cnn', 'The model to train.', MODELS)
+  weights: str = _field('none', 'Initial weights of a keras.applications backbone '
+                        '(imagenet: downloaded).', WEIGHTS)
+  filters: tuple[int, ...] = _field((), 'Conv filters per block (empty: 64,128,256; '
+                                    '16,32,64 for tiny).')
+  dense_units: int = _field(0, 'Units of the dense layer before the heads (0: 256; 32 for tiny).')
+  dropout: float = _field(0.5, 'Dropout before the heads.')
+  batch_norm: bool = _field(True, 'Batch normalization after each convolution of seed_cnn '
+                            'and tiny.')
+  mixed_precision: bool = _field(False, 'mixed_float16 compute (for GPUs); the output heads '
+                                 'stay float32.')
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """The losses, the optimizer and the schedule."""
+  epochs: int = _field(10, 'Epochs to train (a resumed run ends at the same epoch).')
+  learning_rate: float = _field(1e-3, 'Peak learning rate (AdamW).')
+  weight_decay: float = _field(1e-4, 'AdamW\'s decoupled weight decay (0: Adam).')
+  schedule: str = _field('cosine', 'cosine: warm up, then decay to 0 by the last epoch; '
+                         'constant: the learning rate throughout.', SCHEDULES)
+  warmup_steps: int = _field(200, 'Steps of linear warm-up of the cosine schedule (at most a fifth of the run).')
+  age_loss: str = _field('huber', 'Age loss on the error in --age_unit units: huber (delta 1), '
+                         'mae or mse.', AGE_LOSSES)
+  age_unit: str = _field('std', 'Unit of the age error the loss sees: std (the training '
+                         'split\'s age standard deviation, so the two heads\' losses are of '
+                         'one scale) or years.', ('std', 'years'))
+  gender_loss_weight: float = _field(1.0, 'Weight of the gender loss in the total loss.')
+  age_loss_weight: float = _field(1.0, 'Weight of the age loss in the total loss.')
+  early_stopping_patience: int = _field(0, 'Stop after this many epochs without a better '
+                                        'validation age MAE (0: off).')
+  reduce_lr_patience: int = _field(0, 'Multiply the learning rate by --reduce_lr_factor after '
+                                   'this many epochs without a better validation age MAE '
+                                   '(0: off).')
+  reduce_lr_factor: float = _field(0.5, 'Learning-rate reduction factor.')
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Where a run writes and how it executes."""
+  model_dir: str = _field('', 'Where the run writes everything (empty: runs/<model>).')
+  distribution_strategy: str = _field(
+      'auto', 'auto: MirroredStrategy over all local GPUs when there are several, else the '
+      'default device; one_device: the first GPU (or the CPU); mirrored: all local GPUs; '
+      'multi_worker: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG.', STRATEGIES)
+  worker_dir: str = _field('', 'multi_worker: where a worker other than the chief keeps its '
+                           'state (empty: a temporary folder, deleted at exit).')
+  jit_compile: bool = _field(False, 'Compile the training step with XLA.')
+  steps_per_execution: int = _field(1, 'Training steps per tf.function call.')
+  tensorboard: bool = _field(True, 'Write TensorBoard logs to MODEL_DIR/logs.')
+  export: bool = _field(True, 'Export the serving SavedModel to MODEL_DIR/export.')
+  verbose: int = _field(1, 'Progress: 0 silent, 1 progress bar, 2 a line per epoch.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+  @property
+  def model_dir(self) -> str:
+    return self.run.model_dir or os.path.join('runs', self.model.model)
+
+
+SECTIONS = {'data': DataConfig, 'model': ModelConfig, 'optim': OptimConfig, 'run': RunConfig}
+
+# Named sets of values over the defaults. `reference`: the seed notebook's recipe.
+RECIPES: dict[str, dict[str, Any]] = {
+    'default': {},
+    'reference': {'augment': False, 'batch_norm': False, 'learning_rate': 1e-4,
+                  'weight_decay': 0.0, 'schedule': 'constant', 'age_loss': 'mse',
+                  'age_unit': 'years'},
+}
+
+
+def fields() -> dict[str, tuple[str, dataclasses.Field]]:
+  """Every field by name: (section, field). Names are unique across the sections."""
+  return {field.name: (section, field)
+          for section, cls in SECTIONS.items() for field in dataclasses.fields(cls)}
+
+
+def make_config(recipe: str = 'default', **values) -> Config:
+  """A Config from a recipe and field values by name (`image_size=64, epochs=2`)."""
+  if recipe not in RECIPES:
+    raise ValueError(f'unknown recipe {recipe!r}; expected one of {", ".join(RECIPES)}')
+  by_name = fields()
+  unknown = sorted(set(values) - set(by_name))
+  if unknown:
+    raise ValueError(f'unknown configuration field(s): {", ".join(unknown)}')
+  sections: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+  for name, value in {**RECIPES[recipe], **values}.items():
+    sections[by_name[name][0]][name] = value
+  return Config(**{section: SECTIONS[section](**own) for section, own in sections.items()})
+
+
+def replace(config: Config, **values) -> Config:
+  """`config` with some fields changed, by name."""
+  by_name = fields()
+  sections = {section: dataclasses.asdict(getattr(config, section)) for section in SECTIONS}
+  for name, value in values.items():
+    if name not in by_name:
+      raise ValueError(f'unknown configuration field {name!r}')
+    sections[by_name[name][0]][name] = value
+  return Config(**{section: SECTIONS[section](**own) for section, own in sections.items()})
+
+
+def as_dict(config: Config) -> dict[str, dict[str, Any]]:
+  return {section: dataclasses.asdict(getattr(config, section)) for section in SECTIONS}
+
+
+def check(config: Config) -> None:
+  """Raises ValueError(name, message) for values that would fail later."""
+  positive = ('image_size', 'batch_size', 'shuffle_buffer', 'epochs', 'learning_rate',
+              'steps_per_execution', 'reduce_lr_factor')
+  not_negative = ('dense_units', 'weight_decay', 'warmup_steps', 'gender_loss_weight',
+                  'age_loss_weight', 'early_stopping_patience', 'reduce_lr_patience',
+                  'data_service_timeout')
+  by_name = fields()
+  for name in positive + not_negative:
+    value = getattr(getattr(config, by_name[name][0]), name)
+    if (value <= 0 if name in positive else value < 0):
+      raise ConfigError(name, f'must be {"positive" if name in positive else "non-negative"}, '
+                              f'got {value}')
+  for name, (section, field) in by_name.items():
+    value = getattr(getattr(config, section), name)
+    if 'choices' in field.metadata and value not in field.metadata['choices']:
+      raise ConfigError(name, f'must be one of {", ".join(field.metadata["choices"])}, '
+                              f'got {value!r}')
+  if any(count <= 0 for count in config.model.filters):
+    raise ConfigError('filters', f'must be positive, got {config.model.filters}')
+  if not 0.0 <= config.model.dropout < 1.0:
+    raise ConfigError('dropout', f'must be in [0, 1), got {config.model.dropout}')
+  if config.data.image_size < 32:
+    raise ConfigError('image_size', f'must be at least 32, got {config.data.image_size}')
+  if config.model.weights != 'none' and config.model.model in ('seed_cnn', 'tiny'):
+    raise ConfigError('weights', f'{config.model.weights} weights need a keras.applications '
+                                 f'model, not {config.model.model}')
+  if config.optim.reduce_lr_patience and config.optim.schedule != 'constant':
+    raise ConfigError('reduce_lr_patience', 'needs the constant learning-rate schedule')
+  if config.data.data_service and config.data.cache:
+    raise ConfigError('cache', 'does not go with a tf.data service (each service worker '
+                               'would cache only the shards it happened to read)')
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work; `name` is the field (and the flag)."""
+
+  def __init__(self, name: str, message: str):
+    super().__init__(f'{name} {message}')
+    self.name = name
+    self.message = message

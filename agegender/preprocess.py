@@ -1,0 +1,92 @@
+"""Preprocessing ops: the one path from encoded bytes or pixels to the model's input.
+
+The model's input is uint8 pixels [..., S, S, 3]: decoded and resized, not
+scaled. Scaling to [0, 1] is the model's first layer, so batches cross to the
+device (and over the tf.data service) at a quarter of float32's bytes, and the
+CPU does no float work on images stored raw at the model's size. Training,
+evaluation, export and predict all call `preprocess_encoded_image`, so
+serving never drifts from training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+from agegender import contract
+
+# Decodes in flight within one batch.
+DECODE_PARALLELISM = 16
+
+
+def to_rgb(image: tf.Tensor) -> tf.Tensor:
+  channels = image.shape[-1]
+  if channels == 1:
+    return tf.image.grayscale_to_rgb(image)
+  if channels == 4:
+    return image[..., :3]
+  if channels != 3:
+    raise ValueError(f'expected 1, 3 or 4 channels, got shape {image.shape}')
+  return image
+
+
+def resize_pixels(image: Any, image_size: int = contract.DEFAULT_IMAGE_SIZE) -> tf.Tensor:
+  """Pixels [H, W, C] or [B, H, W, C] (0..255, 1, 3 or 4 channels) to uint8 [..., S, S, 3].
+
+  Bilinear resize, rounded to the nearest level; an image already at the size
+  passes unchanged.
+  """
+  image = to_rgb(tf.convert_to_tensor(image))
+  target = (image_size, image_size)
+  if tuple(image.shape[-3:-1]) == target and image.dtype == tf.uint8:
+    return image
+
+  def resized():
+    # A float result rounded back to uint8: the model sees the same levels everywhere.
+    pixels = tf.image.resize(tf.cast(image, tf.float32), target)
+    return tf.cast(tf.round(tf.clip_by_value(pixels, 0.0, 255.0)), tf.uint8)
+
+  is_target = tf.reduce_all(tf.equal(tf.shape(image)[-3:-1], target))
+  same = lambda: tf.cast(tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0), tf.uint8)
+  if image.dtype == tf.uint8:
+    same = lambda: image
+  image = tf.cond(is_target, same, resized)
+  return tf.ensure_shape(image, image.shape[:-3].concatenate([image_size, image_size, 3]))
+
+
+def preprocess_encoded_image(encoded: Any,
+                             image_size: int = contract.DEFAULT_IMAGE_SIZE) -> tf.Tensor:
+  """Encoded bytes (JPEG, PNG, BMP or GIF; any size; gray or color) to uint8 [S, S, 3]."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  return resize_pixels(image, image_size)
+
+
+def preprocess_encoded_batch(encoded: Any,
+                             image_size: int = contract.DEFAULT_IMAGE_SIZE) -> tf.Tensor:
+  """A batch of encoded images [B] to uint8 [B, S, S, 3], each through
+  `preprocess_encoded_image` (sizes may differ within the batch)."""
+  return tf.map_fn(
+      lambda one: preprocess_encoded_image(one, image_size), encoded,
+      fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8),
+      parallel_iterations=DECODE_PARALLELISM)
+
+
+def augment_image(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """A training-time variation of one uint8 image [S, S, 3]: a horizontal flip
+  and a small random shift (a crop of the reflect-padded image). Integer work
+  only; stateless: the same seed [2] gives the same result, in any thread."""
+  flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  pad = max(1, image.shape[0] // 16)
+  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode='REFLECT')
+  return tf.image.stateless_random_crop(padded, tf.shape(image), crop_seed)
+
+
+def augment_batch(images: tf.Tensor, element_seeds: tf.Tensor, seed: int) -> tf.Tensor:
+  """Each image of a batch through `augment_image`, seeded by its element's seed and `seed`."""
+  seeds = tf.stack([element_seeds, tf.fill(tf.shape(element_seeds), tf.cast(seed, tf.int64))],
+                   axis=1)
+  return tf.map_fn(lambda args: augment_image(*args), (images, seeds),
+                   fn_output_signature=tf.TensorSpec(images.shape[1:], images.dtype),
+                   parallel_iterations=DECODE_PARALLELISM)

@@ -1,0 +1,196 @@
+"""A run's state and what it leaves in --model_dir: checkpoints, history, best model, logs.
+
+The state (model, optimizer, finished epochs, the history rows, the best
+validation age MAE, the plateau counters) goes through one
+`tf.train.Checkpoint` kept by a `tf.train.CheckpointManager`, saved after
+every epoch. A run killed at any point (even by kill -9) starts again from
+its last saved epoch; history.csv is written whole from the saved rows, so it
+never holds an epoch that the state does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging as python_logging
+import json
+import math
+import os
+import tempfile
+
+from absl import logging
+import tensorflow as tf
+
+from agegender import trainer
+
+MODEL_FILE = 'model.keras'
+HISTORY_FILE = 'history.csv'
+CURVES_FILE = 'learning_curves.png'
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+LOGS_DIR = 'logs'
+EXPORT_DIR = 'export'
+
+
+@contextlib.contextmanager
+def quiet():
+  """Checkpoint and SavedModel writing log each step at INFO; a user needs only the result."""
+  verbosity, tf_level = logging.get_verbosity(), tf.get_logger().level
+  logging.set_verbosity(logging.WARNING)
+  tf.get_logger().setLevel(python_logging.WARNING)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+    tf.get_logger().setLevel(tf_level)
+
+
+def write_atomically(path: str, data: bytes | str) -> None:
+  """Writes beside `path` and moves into place, so a reader never sees half a file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  mode = 'wb' if isinstance(data, bytes) else 'w'
+  handle, partial = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.')
+  try:
+    with os.fdopen(handle, mode) as f:
+      f.write(data)
+    os.replace(partial, path)
+  except BaseException:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise
+
+
+class RunState:
+  """The checkpointed state of one run, and the files that derive from it."""
+
+  def __init__(self, model_dir: str, task: trainer.Task, *, write_outputs: bool = True,
+               restore_from: str | None = None):
+    self.model_dir = model_dir
+    self.task = task
+    self.write_outputs = write_outputs
+    self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
+    self.best = tf.Variable(math.inf, dtype=tf.float64, trainable=False, name='best')
+    self.since_best = tf.Variable(0, dtype=tf.int64, trainable=False, name='since_best')
+    self.history_json = tf.Variable('[]', dtype=tf.string, trainable=False, name='history')
+    self.checkpoint = tf.train.Checkpoint(
+        model=task.model, optimizer=task.optimizer, epoch=self.epoch, best=self.best,
+        since_best=self.since_best, history=self.history_json)
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, os.path.join(model_dir, CHECKPOINT_DIR), max_to_keep=2)
+    self._restore_from = restore_from
+    self._summaries = None
+
+  def restore(self) -> int:
+    """Loads the latest saved state, if any (a chief's, for another worker); returns the
+    epoch to start from."""
+    latest = None
+    if self._restore_from:
+      latest = tf.train.latest_checkpoint(os.path.join(self._restore_from, CHECKPOINT_DIR))
+    latest = latest or self.manager.latest_checkpoint
+    if latest:
+      self.checkpoint.restore(latest).assert_existing_objects_matched()
+      logging.info('resumed from %s at epoch %d', latest, int(self.epoch))
+    return int(self.epoch)
+
+  @property
+  def history(self) -> list[dict[str, float]]:
+    return json.loads(self.history_json.numpy().decode('utf-8'))
+
+  def end_of_epoch(self, epoch: int, logs: dict[str, float], *, patience: int = 0,
+                   reduce_lr_patience: int = 0, reduce_lr_factor: float = 0.5) -> bool:
+    """Keeps the best model, the plateau counters and the history; saves the state. Returns
+    whether to stop early."""
+    examples = logs.pop('examples', None)
+    value = logs.get(trainer.MONITOR, math.nan)
+    if trainer.is_better(value, float(self.best)):
+      self.best.assign(value)
+      self.since_best.assign(0)
+      if self.write_outputs:
+        self._save_best()
+    else:
+      self.since_best.assign_add(1)
+    if reduce_lr_patience and int(self.since_best) and not int(self.since_best) % reduce_lr_patience:
+      self._reduce_learning_rate(reduce_lr_factor)
+    logs['learning_rate'] = float(self.task.optimizer.learning_rate)
+    rows = self.history + [{'epoch': epoch, **logs}]
+    self.history_json.assign(json.dumps(rows))
+    self.epoch.assign(epoch + 1)
+    with quiet():
+      self.manager.save(checkpoint_number=epoch + 1)
+    if self.write_outputs:
+      write_atomically(os.path.join(self.model_dir, HISTORY_FILE), history_csv(rows))
+      self._write_summaries(epoch, logs)
+    if examples is not None:
+      logs['examples'] = examples
+    stop = bool(patience) and int(self.since_best) >= patience
+    if stop:
+      logging.info('no better %s for %d epochs: stopping early', trainer.MONITOR, patience)
+    return stop
+
+  def _save_best(self) -> None:
+    # Keras writes .keras files only under that extension: a temporary name that keeps it.
+    final = os.path.join(self.model_dir, MODEL_FILE)
+    partial = os.path.join(self.model_dir, f'.partial-{MODEL_FILE}')
+    self.task.model.save(partial)
+    os.replace(partial, final)
+
+  def _reduce_learning_rate(self, factor: float) -> None:
+    # A constant learning rate is an optimizer variable: saved with the state, so it stays reduced.
+    optimizer = self.task.optimizer
+    optimizer.learning_rate = float(optimizer.learning_rate) * factor
+    logging.info('learning rate reduced to %g', float(optimizer.learning_rate))
+
+  def _write_summaries(self, epoch: int, logs: dict[str, float]) -> None:
+    if self._summaries is None:
+      root = os.path.join(self.model_dir, LOGS_DIR)
+      self._summaries = {'train': tf.summary.create_file_writer(os.path.join(root, 'train')),
+                         'validation': tf.summary.create_file_writer(
+                             os.path.join(root, 'validation'))}
+    for name, value in logs.items():
+      writer, tag = ((self._summaries['validation'], name[4:]) if name.startswith('val_')
+                     else (self._summaries['train'], name))
+      with writer.as_default():
+        tf.summary.scalar(f'epoch_{tag}', value, step=epoch)
+    for writer in self._summaries.values():
+      writer.flush()
+
+
+def history_csv(rows: list[dict[str, float]]) -> str:
+  columns = ['epoch'] + sorted({key for row in rows for key in row} - {'epoch'})
+  out = io.StringIO()
+  writer = csv.DictWriter(out, columns, lineterminator='\n')
+  writer.writeheader()
+  writer.writerows(rows)
+  return out.getvalue()
+
+
+def read_history(path: str) -> list[dict[str, float]]:
+  """history.csv's rows as numbers, in epoch order."""
+  if not os.path.exists(path):
+    return []
+  with open(path, newline='') as f:
+    rows = [{key: float(value) for key, value in row.items() if value not in ('', None)}
+            for row in csv.DictReader(f)]
+  return sorted(rows, key=lambda row: row['epoch'])
+
+
+def plot_learning_curves(rows: list[dict[str, float]], path: str) -> str:
+  """Loss, gender accuracy and age MAE per epoch, train against validation, as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  panels = (('loss', 'loss'), ('gender_output_accuracy', 'gender accuracy'),
+            ('age_output_mae', 'age MAE (years)'))
+  epochs = [int(row['epoch']) + 1 for row in rows]
+  figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
+  for axis, (key, title) in zip(axes, panels, strict=True):
+    for prefix, label in (('', 'train'), ('val_', 'validation')):
+      axis.plot(epochs, [row.get(prefix + key, math.nan) for row in rows], marker='o',
+                markersize=3, label=label)
+    axis.set(title=title, xlabel='epoch')
+    axis.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+  return path

@@ -1,0 +1,218 @@
+"""The training step, written out, and one loop for every strategy.
+
+A step is `strategy.run` of `train_step` on each replica: a GradientTape over
+the two heads' losses, each example's loss summed and divided by the global
+batch (so the replicas' gradients add up to the batch mean), scaled for
+mixed precision by the optimizer. The same loop runs on one device,
+MirroredStrategy and MultiWorkerMirroredStrategy (where Keras 3's `fit`
+fails). Every metric counts examples, so the logged loss is the weighted sum
+of the head losses on any strategy, a short last batch included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import keras
+import tensorflow as tf
+
+from agegender import config as config_lib
+from agegender import contract
+
+G, A = contract.GENDER_OUTPUT, contract.AGE_OUTPUT
+# The quantity that picks the best model, reduces the learning rate and stops early.
+MONITOR = 'val_age_output_mae'
+
+
+@dataclasses.dataclass
+class Task:
+  """What a step needs: the model, its optimizer, the loss settings and the metrics."""
+  model: keras.Model
+  optimizer: keras.optimizers.Optimizer
+  optim: config_lib.OptimConfig
+  age_unit: float  # Years per unit of the age error the loss sees.
+  global_batch_size: int
+  metrics: dict[str, keras.metrics.Metric]
+
+
+def make_metrics() -> dict[str, keras.metrics.Metric]:
+  return {'loss': keras.metrics.Mean(name='loss'),
+          f'{G}_loss': keras.metrics.Mean(name=f'{G}_loss'),
+          f'{A}_loss': keras.metrics.Mean(name=f'{A}_loss'),
+          f'{G}_accuracy': keras.metrics.BinaryAccuracy(name=f'{G}_accuracy'),
+          f'{A}_mae': keras.metrics.MeanAbsoluteError(name=f'{A}_mae')}
+
+
+def learning_rate(optim: config_lib.OptimConfig, total_steps: int):
+  """The learning rate: constant, or a linear warm-up then a cosine decay to 0."""
+  if optim.schedule == 'constant':
+    return optim.learning_rate
+  warmup = min(optim.warmup_steps, total_steps // 5)
+  return keras.optimizers.schedules.CosineDecay(
+      0.0 if warmup else optim.learning_rate, decay_steps=max(1, total_steps - warmup),
+      warmup_target=optim.learning_rate if warmup else None, warmup_steps=warmup)
+
+
+def make_optimizer(optim: config_lib.OptimConfig, total_steps: int,
+                   mixed_precision: bool) -> keras.optimizers.Optimizer:
+  rate = learning_rate(optim, total_steps)
+  if optim.weight_decay:
+    optimizer = keras.optimizers.AdamW(rate, weight_decay=optim.weight_decay)
+  else:
+    optimizer = keras.optimizers.Adam(rate)
+  return keras.optimizers.LossScaleOptimizer(optimizer) if mixed_precision else optimizer
+
+
+def _age_loss(error: tf.Tensor, kind: str) -> tf.Tensor:
+  if kind == 'mse':
+    return tf.square(error)
+  if kind == 'mae':
+    return tf.abs(error)
+  absolute = tf.abs(error)  # Huber with delta 1.
+  return tf.where(absolute <= 1.0, 0.5 * tf.square(error), absolute - 0.5)
+
+
+def per_example_losses(task: Task, outputs, targets) -> tuple[tf.Tensor, tf.Tensor]:
+  """Each example's gender and age loss, [B] each, float32."""
+  probability = tf.cast(outputs[G], tf.float32)
+  gender = keras.losses.binary_crossentropy(targets[G], probability)
+  error = (tf.cast(outputs[A], tf.float32) - targets[A]) / task.age_unit
+  age = tf.reduce_mean(_age_loss(error, task.optim.age_loss), axis=-1)
+  return gender, age
+
+
+def _update_metrics(task: Task, outputs, targets, gender_loss, age_loss, total) -> None:
+  metrics = task.metrics
+  metrics['loss'].update_state(total)
+  metrics[f'{G}_loss'].update_state(gender_loss)
+  metrics[f'{A}_loss'].update_state(age_loss)
+  metrics[f'{G}_accuracy'].update_state(targets[G], outputs[G])
+  metrics[f'{A}_mae'].update_state(targets[A], outputs[A])
+
+
+def _total(task: Task, gender_loss, age_loss):
+  return task.optim.gender_loss_weight * gender_loss + task.optim.age_loss_weight * age_loss
+
+
+def train_step(task: Task, data) -> tf.Tensor:
+  """One optimizer step on this replica's batch; returns its example count."""
+  images, targets = data
+  with tf.GradientTape() as tape:
+    outputs = task.model(images, training=True)
+    gender_loss, age_loss = per_example_losses(task, outputs, targets)
+    total = _total(task, gender_loss, age_loss)
+    loss = tf.reduce_sum(total) / task.global_batch_size
+    scaled = task.optimizer.scale_loss(loss)
+  variables = task.model.trainable_variables
+  gradients = tape.gradient(scaled, variables)
+  task.optimizer.apply_gradients(zip(gradients, variables))
+  _update_metrics(task, outputs, targets, gender_loss, age_loss, total)
+  return tf.shape(images, out_type=tf.int64)[0]
+
+
+def eval_step(task: Task, data) -> tf.Tensor:
+  images, targets = data
+  outputs = task.model(images, training=False)
+  gender_loss, age_loss = per_example_losses(task, outputs, targets)
+  _update_metrics(task, outputs, targets, gender_loss, age_loss,
+                  _total(task, gender_loss, age_loss))
+  return tf.shape(images, out_type=tf.int64)[0]
+
+
+def step_function(task: Task, strategy, step: Callable, steps_per_execution: int = 1,
+                  jit_compile: bool = False):
+  """A tf.function running up to `steps_per_execution` of `step` on every replica; returns
+  (steps run, examples seen over all replicas); 0 steps at the end of the data."""
+  replica_step = tf.function(lambda data: step(task, data), jit_compile=jit_compile)
+
+  @tf.function
+  def run_steps(iterator):
+    steps = tf.constant(0, tf.int64)
+    examples = tf.constant(0, tf.int64)
+    for _ in tf.range(steps_per_execution):
+      # Under several workers, every worker runs the step until all are out of data.
+      optional = iterator.get_next_as_optional()
+      if not optional.has_value():
+        break
+      sizes = strategy.run(replica_step, args=(optional.get_value(),))
+      examples += strategy.reduce('SUM', sizes, axis=None)
+      steps += 1
+    return steps, examples
+
+  return run_steps
+
+
+def results(task: Task) -> dict[str, float]:
+  # Metric variables sum over the replicas and workers when read here.
+  return {name: float(metric.result()) for name, metric in task.metrics.items()}
+
+
+def reset(task: Task) -> None:
+  for metric in task.metrics.values():
+    metric.reset_state()
+
+
+def run_pass(run_steps, dataset, task: Task, callbacks, hook: str) -> tuple[int, int]:
+  """One pass over a distributed dataset; returns (steps, examples)."""
+  iterator = iter(dataset)
+  steps = examples = 0
+  while True:
+    getattr(callbacks, f'on_{hook}_batch_begin')(steps)
+    ran, seen = run_steps(iterator)
+    if not int(ran):
+      return steps, examples
+    steps += int(ran)
+    examples += int(seen)
+    getattr(callbacks, f'on_{hook}_batch_end')(steps - 1, results(task))
+
+
+def evaluate(task: Task, strategy, dataset, steps_per_execution: int = 1) -> dict[str, float]:
+  """The metrics of one pass over a distributed dataset."""
+  reset(task)
+  run_pass(step_function(task, strategy, eval_step, steps_per_execution), dataset, task,
+           keras.callbacks.CallbackList([]), 'test')
+  return results(task)
+
+
+def fit(task: Task, strategy, train_data, validation_data, *, first_epoch: int, epochs: int,
+        steps_per_epoch: int, end_of_epoch: Callable[[int, dict], bool],
+        steps_per_execution: int = 1, jit_compile: bool = False, verbose: int = 1,
+        callbacks: Sequence[keras.callbacks.Callback] = ()) -> int:
+  """Trains epochs first_epoch .. epochs-1; returns the number trained.
+
+  After each epoch `end_of_epoch(epoch, logs)` saves what must be saved and
+  says whether to stop (early stopping). Keras's progress bar and any
+  `callbacks` see the usual batch and epoch events.
+  """
+  train_steps = step_function(task, strategy, train_step, steps_per_execution, jit_compile)
+  test_steps = step_function(task, strategy, eval_step, steps_per_execution)
+  callbacks = keras.callbacks.CallbackList(
+      list(callbacks), add_progbar=verbose != 0, verbose=verbose, epochs=epochs,
+      steps=steps_per_epoch, model=task.model)
+  callbacks.on_train_begin()
+  logs: dict[str, float] = {}
+  trained = 0
+  for epoch in range(first_epoch, epochs):
+    reset(task)
+    callbacks.on_epoch_begin(epoch)
+    _, examples = run_pass(train_steps, train_data, task, callbacks, 'train')
+    logs = {**results(task), 'examples': examples}
+    reset(task)
+    callbacks.on_test_begin()
+    run_pass(test_steps, validation_data, task, callbacks, 'test')
+    validation = results(task)
+    callbacks.on_test_end(validation)
+    logs.update({f'val_{name}': value for name, value in validation.items()})
+    trained += 1
+    stop = end_of_epoch(epoch, logs)
+    callbacks.on_epoch_end(epoch, {k: v for k, v in logs.items() if k != 'examples'})
+    if stop:
+      break
+  callbacks.on_train_end(logs)
+  return trained
+
+
+def is_better(value: float, best: float) -> bool:
+  return math.isfinite(value) and value < best
