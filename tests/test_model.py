@@ -1,91 +1,172 @@
-"""The dual-output models: shapes, heads, dtypes, losses and the weights error."""
+"""The dual-output models: uint8 input scaled inside, shapes, heads, dtypes, the age
+scale, the weights error, configuration errors, and the training step's losses."""
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from agegender import cli
+from agegender import config as config_lib
+from agegender import export
 from agegender import model as model_lib
+from agegender import trainer
 
 
-def _outputs(model, image_size):
-  images = np.random.default_rng(0).random((2, image_size, image_size, 3), dtype=np.float32)
-  return model.predict(images, verbose=0)
+def build(name='tiny', image_size=32, *, mean_age=0.0, age_std=1.0, **fields):
+  return model_lib.build_model(config_lib.ModelConfig(model=name, **fields), image_size,
+                               mean_age=mean_age, age_std=age_std)
 
 
-def test_seed_cnn_is_the_reference_architecture():
-  model = model_lib.build_model('seed_cnn')
+def pixels(count, image_size, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (count, image_size, image_size, 3),
+                                              dtype=np.uint8)
+
+
+def submodel(model, layer):
+  """The model from its input to `layer`'s output."""
+  return keras.Model(model.inputs, model.get_layer(layer).output)
+
+
+def test_seed_cnn_of_the_reference_recipe_is_the_reference_architecture():
+  model = model_lib.build_model(config_lib.make_config('reference').model, 128)
   assert model.input_shape == (None, 128, 128, 3)
   convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
   assert [conv.filters for conv in convs] == [64, 128, 256]
   assert {conv.kernel_size for conv in convs} == {(3, 3)}
   assert {conv.padding for conv in convs} == {'same'}
+  assert {conv.activation.__name__ for conv in convs} == {'relu'}
+  assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
   assert model.get_layer('dense').units == 256
   assert model.get_layer('dropout').rate == 0.5
   assert model.get_layer('gender_output').activation.__name__ == 'sigmoid'
-  assert model.get_layer('age_output').activation.__name__ == 'relu'
+  # Age: a linear unit, then a fixed affine layer to years.
+  assert model.get_layer('age_units').activation.__name__ == 'linear'
+  assert isinstance(model.get_layer('age_output'), keras.layers.Rescaling)
+
+
+def test_default_seed_cnn_normalizes_each_convolution_in_batches():
+  model = build('seed_cnn', 64)
+  convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+  assert [conv.filters for conv in convs] == [64, 128, 256]
+  assert not any(conv.use_bias for conv in convs)  # The normalization's offset replaces it.
+  norms = [layer.name for layer in model.layers
+           if isinstance(layer, keras.layers.BatchNormalization)]
+  assert norms == ['conv1_bn', 'conv2_bn', 'conv3_bn']
 
 
 @pytest.mark.parametrize('name', ['tiny', 'seed_cnn'])
 def test_outputs_are_two_named_heads(name):
-  model = model_lib.build_model(name, image_size=64, filters=(4, 8, 8), dense_units=8)
-  outputs = _outputs(model, 64)
+  model = build(name, 64, filters=(4, 8, 8), dense_units=8)
+  outputs = model.predict(pixels(2, 64), verbose=0)
   assert set(outputs) == {'gender_output', 'age_output'}
   assert outputs['gender_output'].shape == (2, 1)
   assert outputs['age_output'].shape == (2, 1)
   assert np.all((outputs['gender_output'] >= 0) & (outputs['gender_output'] <= 1))
-  assert np.all(outputs['age_output'] >= 0)
+  assert np.all(np.isfinite(outputs['age_output']))
+
+
+def test_the_model_takes_uint8_pixels_and_scales_them_as_its_first_layer(tmp_path):
+  model = build('tiny', 32)
+  assert model.inputs[0].dtype == 'uint8'
+  images = pixels(4, 32)
+  images[0] = 0
+  images[1] = 255
+  scaled = submodel(model, 'scale').predict_on_batch(images)
+  assert scaled.dtype == np.float32
+  np.testing.assert_array_equal(scaled, images.astype(np.float32) * np.float32(1 / 255))
+  assert scaled[0].max() == 0.0 and scaled[1].min() == 1.0
+  # The scaling is saved with the model: a loaded model gives the same outputs on uint8.
+  path = str(tmp_path / 'model.keras')
+  model.save(path)
+  loaded = export.load_keras_model(path)
+  assert loaded.inputs[0].dtype == 'uint8'
+  expected, outputs = model.predict_on_batch(images), loaded.predict_on_batch(images)
+  for name in expected:
+    np.testing.assert_array_equal(outputs[name], expected[name])
+
+
+def test_the_age_head_turns_training_split_units_into_years():
+  model = build('tiny', 32, mean_age=33.0, age_std=12.5)
+  images = pixels(3, 32)
+  units = submodel(model, 'age_units').predict_on_batch(images)
+  years = model.predict_on_batch(images)['age_output']
+  np.testing.assert_allclose(years, units * 12.5 + 33.0, rtol=1e-6)
+  # An untrained head predicts about the training split's mean age, not 0.
+  assert np.all(np.abs(years - 33.0) < 3 * 12.5)
 
 
 @pytest.mark.parametrize('name', sorted(model_lib.BACKBONES))
 def test_backbones_build_with_the_same_heads(name):
-  model = model_lib.build_model(name, image_size=32, dense_units=8)
-  outputs = _outputs(model, 32)
+  model = build(name, 32, dense_units=8)
+  assert model.inputs[0].dtype == 'uint8'
+  outputs = model.predict(pixels(2, 32), verbose=0)
   assert outputs['gender_output'].shape == (2, 1)
   assert outputs['age_output'].shape == (2, 1)
 
 
 def test_mixed_precision_keeps_heads_float32_and_restores_the_policy():
-  model = model_lib.build_model('tiny', image_size=32, mixed_precision=True)
+  model = build('tiny', 32, mixed_precision=True)
   assert model.get_layer('conv1').compute_dtype == 'float16'
-  assert model.get_layer('gender_output').compute_dtype == 'float32'
-  assert model.get_layer('age_output').compute_dtype == 'float32'
+  for head in ('gender_output', 'age_units', 'age_output'):
+    assert model.get_layer(head).compute_dtype == 'float32'
   assert keras.config.dtype_policy().name == 'float32'
+  outputs = model.predict_on_batch(pixels(2, 32))
+  assert {output.dtype for output in outputs.values()} == {np.dtype('float32')}
 
 
-def test_imagenet_weights_that_cannot_be_downloaded_are_a_usage_error(monkeypatch):
+def test_imagenet_weights_that_cannot_be_downloaded_raise_weights_unavailable(monkeypatch):
   def no_network(*args, **kwargs):
     raise Exception('URL fetch failure on https://storage.googleapis.com/...')
   monkeypatch.setattr('keras.src.utils.file_utils.get_file', no_network)
-  with pytest.raises(cli.UsageError, match='cannot load imagenet weights for mobilenet_v3_small'):
-    model_lib.build_model('mobilenet_v3_small', image_size=32, weights='imagenet')
+  with pytest.raises(model_lib.WeightsUnavailable,
+                     match='cannot load imagenet weights for mobilenet_v3_small: URL fetch'):
+    build('mobilenet_v3_small', 32, weights='imagenet')
+  assert issubclass(model_lib.WeightsUnavailable, ValueError)
 
 
-@pytest.mark.parametrize('kwargs, message', [
-    (dict(name='vgg'), 'unknown model'),
-    (dict(name='seed_cnn', weights='imagenet'), 'needs a keras.applications model'),
-    (dict(name='tiny', weights='places'), 'unknown weights'),
-    (dict(name='tiny', image_size=16), 'at least 32'),
-    (dict(name='tiny', dropout=1.0), 'dropout'),
+@pytest.mark.parametrize('fields, name, message', [
+    (dict(model='vgg'), 'model', 'must be one of seed_cnn, tiny'),
+    (dict(model='seed_cnn', weights='imagenet'), 'weights', 'need a keras.applications model, not seed_cnn'),
+    (dict(model='tiny', weights='places'), 'weights', 'must be one of none, imagenet'),
+    (dict(model='tiny', image_size=16), 'image_size', 'at least 32'),
+    (dict(model='tiny', dropout=1.0), 'dropout', r'in \[0, 1\)'),
+    (dict(model='tiny', filters=(8, 0)), 'filters', 'must be positive'),
 ])
-def test_bad_model_arguments_are_usage_errors(kwargs, message):
-  with pytest.raises(cli.UsageError, match=message):
-    model_lib.build_model(**kwargs)
+def test_bad_model_configurations_are_config_errors_naming_the_field(fields, name, message):
+  with pytest.raises(config_lib.ConfigError, match=message) as error:
+    config_lib.check(config_lib.make_config(**fields))
+  assert error.value.name == name
 
 
-@pytest.mark.parametrize('age_loss', model_lib.AGE_LOSSES)
-def test_compiled_model_learns_a_constant_target(age_loss):
+def test_an_unknown_age_loss_is_a_config_error():
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.check(config_lib.make_config(age_loss='l3'))
+  assert error.value.name == 'age_loss'
+
+
+@pytest.mark.parametrize('age_loss', config_lib.AGE_LOSSES)
+def test_the_training_step_learns_a_constant_target_with_each_age_loss(age_loss):
   keras.utils.set_random_seed(0)
-  model = model_lib.build_model('tiny', image_size=32, dropout=0.0)
-  model_lib.compile_model(model, learning_rate=1e-2, age_loss=age_loss)
-  images = np.full((32, 32, 32, 3), 0.5, np.float32)
+  # One constant image: Adam moves every weight alike, so a small rate is a steady descent.
+  optim = config_lib.OptimConfig(age_loss=age_loss, learning_rate=1e-4, weight_decay=0.0,
+                                 schedule='constant')
+  model = build('tiny', 32, mean_age=20.0, age_std=10.0, dropout=0.0, batch_norm=False)
+  task = trainer.Task(model=model, optimizer=trainer.make_optimizer(optim, 10, False),
+                      optim=optim, age_unit=10.0, global_batch_size=32,
+                      metrics=trainer.make_metrics())
+  images = np.full((32, 32, 32, 3), 128, np.uint8)
   targets = {'gender_output': np.ones((32, 1), np.float32),
-             'age_output': np.full((32, 1), 30.0, np.float32)}
-  history = model.fit(images, targets, epochs=15, batch_size=32, verbose=0).history
-  assert set(history) >= {'gender_output_accuracy', 'age_output_mae', 'loss'}
-  assert history['age_output_mae'][-1] < history['age_output_mae'][0]
-
-
-def test_unknown_age_loss_is_a_usage_error():
-  with pytest.raises(cli.UsageError, match='unknown age loss'):
-    model_lib.compile_model(model_lib.build_model('tiny', image_size=32), age_loss='l3')
+             'age_output': np.full((32, 1), 45.0, np.float32)}
+  dataset = tf.data.Dataset.from_tensors((images, targets)).repeat(10)
+  strategy = tf.distribute.get_strategy()
+  run_steps = trainer.step_function(task, strategy, trainer.train_step)
+  iterator = iter(dataset)
+  errors = []
+  for _ in range(10):
+    trainer.reset(task)
+    steps, examples = run_steps(iterator)
+    assert (int(steps), int(examples)) == (1, 32)
+    errors.append(trainer.results(task)['age_output_mae'])
+  assert set(trainer.results(task)) >= {'loss', 'gender_output_accuracy', 'age_output_mae'}
+  assert errors[-1] < errors[0] / 4, errors  # Years off before each step: 14 at first.
+  assert int(run_steps(iterator)[0]) == 0  # The end of the data: no step.
