@@ -7,6 +7,17 @@ training. It returns `age` (float32 [None], years), `gender_probability`
 (float32 [None], the probability of female, UTKFace's gender 1) and `gender`
 (tf.string [None], 'male' or 'female').
 
+Bad bytes: a batch is served whole or not at all. When any of its images
+cannot be decoded (not an image, empty, truncated), the call fails with
+`tf.errors.InvalidArgumentError` whose message names the positions of every
+such image in the batch, for example
+``image_bytes[1, 3]: not a readable image (JPEG, PNG, BMP or GIF); the batch
+was not served``, and returns nothing for the others: a client drops those
+and sends the rest again. No image gets a made-up output (such as NaN) that
+a client could average in unnoticed. (`agegender.predict` decodes each file
+on its own before batching, so it reports a broken file and predicts the
+others.)
+
   python -m agegender.export --model_dir=runs/seed_cnn   # rewrites runs/seed_cnn/export
   saved_model_cli show --dir runs/seed_cnn/export --tag_set serve --signature_def serving_default
 """
@@ -30,6 +41,8 @@ from agegender.run_state import EXPORT_DIR, MODEL_FILE
 
 SIGNATURE = 'serving_default'
 INPUT_NAME = 'image_bytes'
+# What a served batch's error and predict's error line say of bytes that do not decode.
+UNREADABLE = 'not a readable image (JPEG, PNG, BMP or GIF)'
 
 
 def keras_model_path(model_dir_or_file: str) -> str:
@@ -49,6 +62,36 @@ def image_size_of(model: keras.Model) -> int:
   return int(model.input_shape[1])
 
 
+def decode_images(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+  """Encoded images [B] to uint8 [B, S, S, 3], each through
+  `preprocess.preprocess_encoded_image`; fails with InvalidArgumentError naming
+  the positions of all the images that do not decode.
+
+  A graph cannot catch one op's error, but tf.data can drop the elements
+  whose decoding failed (`ignore_errors`): the positions that come out tell
+  which went missing, and an assertion names them (a decoder's own error
+  names neither the image nor its position).
+  """
+  count = tf.size(image_bytes)
+  decoded = (tf.data.Dataset.from_tensor_slices((tf.range(count), image_bytes))
+             .map(lambda position, encoded: (
+                 position, preprocess.preprocess_encoded_image(encoded, image_size)),
+                  num_parallel_calls=preprocess.DECODE_PARALLELISM, deterministic=True)
+             .ignore_errors()
+             .batch(tf.cast(tf.maximum(count, 1), tf.int64)))
+  nothing = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int32),
+                                          tf.zeros([0, image_size, image_size, 3], tf.uint8)))
+  # The one batch of what decoded, or nothing when no image did.
+  positions, images = decoded.concatenate(nothing).take(1).get_single_element()
+  readable = tf.scatter_nd(positions[:, None], tf.ones_like(positions, tf.bool), [count])
+  unreadable = tf.strings.as_string(tf.where(tf.logical_not(readable))[:, 0])
+  message = tf.strings.join([
+      INPUT_NAME, '[', tf.strings.reduce_join(unreadable, separator=', '), ']: ', UNREADABLE,
+      '; the batch was not served'])
+  with tf.control_dependencies([tf.debugging.Assert(tf.size(unreadable) == 0, [message])]):
+    return tf.identity(images)
+
+
 def serving_function(model: keras.Model):
   """Encoded bytes [None] -> {'age', 'gender_probability', 'gender'}, each [None]."""
   image_size = image_size_of(model)
@@ -56,7 +99,7 @@ def serving_function(model: keras.Model):
 
   def serve(image_bytes):
     # Each image through preprocess_encoded_image, the training preprocessing.
-    images = preprocess.preprocess_encoded_batch(image_bytes, image_size=image_size)
+    images = decode_images(image_bytes, image_size)
     outputs = model(images, training=False)
     probability = tf.reshape(tf.cast(outputs[contract.GENDER_OUTPUT], tf.float32), [-1])
     age = tf.reshape(tf.cast(outputs[contract.AGE_OUTPUT], tf.float32), [-1])

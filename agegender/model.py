@@ -78,7 +78,9 @@ def _conv_net(pixels, filters, batch_norm: bool):
                             activation=None if batch_norm else 'relu',
                             kernel_initializer='he_uniform', name=name)(x)
     if batch_norm:
-      x = keras.layers.BatchNormalization(name=f'{name}_bn')(x)
+      # Synchronized: statistics over the global batch, whatever share a replica gets (even
+      # none, in a short last batch); momentum 0.9 so short runs' moving statistics settle.
+      x = keras.layers.BatchNormalization(momentum=0.9, synchronized=True, name=f'{name}_bn')(x)
       x = keras.layers.ReLU(name=f'{name}_relu')(x)
     x = keras.layers.MaxPooling2D(2, name=f'pool{index + 1}')(x)
   # Flatten keeps where things are (a face's size is a cue to its age); global pooling would not.

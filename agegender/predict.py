@@ -60,7 +60,7 @@ def _load_image(path: str, image_size: int) -> tuple[np.ndarray | None, str | No
   except OSError as e:
     return None, e.strerror or str(e)
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
-    return None, 'not a readable image (JPEG, PNG, BMP or GIF)'
+    return None, export.UNREADABLE
 
 
 def prediction(path: str, age: float, female_probability: float) -> dict[str, Any]:

@@ -123,6 +123,10 @@ _ARCHITECTURE = ('model', 'image_size')
 
 
 def _check_same_model(config: config_lib.Config, model_dir: str) -> None:
+  """A run with saved state resumes only with the model that state came from."""
+  from agegender import run_state  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(model_dir, run_state.CHECKPOINT_DIR)):
+    return
   try:
     with open(os.path.join(model_dir, 'config.json')) as f:
       saved = json.load(f)

@@ -125,7 +125,9 @@ def step_function(task: Task, strategy, step: Callable, steps_per_execution: int
                   jit_compile: bool = False):
   """A tf.function running up to `steps_per_execution` of `step` on every replica; returns
   (steps run, examples seen over all replicas); 0 steps at the end of the data."""
-  replica_step = tf.function(lambda data: step(task, data), jit_compile=jit_compile)
+  replica_step = lambda data: step(task, data)
+  if jit_compile:
+    replica_step = tf.function(replica_step, jit_compile=True)
 
   @tf.function
   def run_steps(iterator):

@@ -19,24 +19,20 @@ def synthetic_records(tmp_path_factory):
 
 
 def _tiny_config(records_dir, model_dir, **overrides):
-  """A TrainConfig for the tiny model that learns the synthetic set in a few epochs."""
-  from agegender import train  # pylint: disable=g-import-not-at-top
+  """A Config of the default recipe for the tiny model, sized for the synthetic set."""
+  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
   values = dict(records_dir=str(records_dir), model_dir=str(model_dir), model='tiny',
-                image_size=IMAGE_SIZE, epochs=6, batch_size=32, learning_rate=1e-3,
-                age_loss='mae', shuffle_buffer=1000, verbose=0,
-                # Age errors are years, gender's cross-entropy is a fraction of one:
-                # unweighted, the age head's updates erode the gender features.
-                gender_loss_weight=5.0,
+                image_size=IMAGE_SIZE, epochs=6, batch_size=32, shuffle_buffer=1000, verbose=0,
                 # The same run whatever else loads the machine: learning thresholds
                 # must not depend on which batches a busy scheduler hands out first.
                 deterministic=True)
   values.update(overrides)
-  return train.TrainConfig(**values)
+  return config_lib.make_config(**values)
 
 
 @pytest.fixture(scope='session')
 def tiny_config():
-  """tiny_config(records_dir, model_dir, **overrides) -> TrainConfig of a short tiny-model run."""
+  """tiny_config(records_dir, model_dir, **overrides) -> Config of a short tiny-model run."""
   return _tiny_config
 
 

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,22 +54,29 @@ def test_the_saved_model_is_the_best_by_validation_age_mae(trained_run):
   rows = trained_run['history']
   best = min(row['val_age_output_mae'] for row in rows)
   model = export.load_keras_model(trained_run['model_dir'])
-  metrics = evaluate.evaluate_model(model, json.load(open(os.path.join(
-      trained_run['model_dir'], 'config.json')))['records_dir'], split='validation')
+  saved = json.load(open(os.path.join(trained_run['model_dir'], 'config.json')))
+  metrics = evaluate.evaluate_model(model, saved['data']['records_dir'], split='validation')
   assert metrics['age_mae'] == pytest.approx(best, rel=1e-3)
 
 
+def test_the_history_holds_the_epochs_learning_rate_of_the_cosine_schedule(trained_run):
+  rates = [row['learning_rate'] for row in trained_run['history']]
+  assert rates[-1] == pytest.approx(0.0, abs=1e-9)
+  assert max(rates) > rates[-1] and all(rate >= 0 for rate in rates)
+
+
 def _saved_epoch(model_dir):
-  path = os.path.join(model_dir, 'backup', 'training_metadata.json')
+  """The epoch of the latest checkpoint the run saved (0 before the first)."""
   try:
-    with open(path) as f:
-      return json.load(f)['epoch']
-  except (OSError, ValueError):
+    with open(os.path.join(model_dir, 'checkpoints', 'checkpoint')) as f:
+      match = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', f.read(), re.MULTILINE)
+  except OSError:
     return 0
+  return int(match.group(1)) if match else 0
 
 
 class _EpochsSeen:
-  """A callback that records the epochs fit runs."""
+  """A callback that records the epochs the loop runs."""
 
   def __init__(self):
     import keras  # pylint: disable=g-import-not-at-top
@@ -87,9 +95,9 @@ def test_a_run_killed_with_sigkill_resumes_without_repeating_epochs(
   model_dir = tmp_path / 'killed'
   config = tiny_config(synthetic_records, model_dir, epochs=4, tensorboard=False, export=False)
   command = [sys.executable, '-m', 'agegender.train', f'--records_dir={synthetic_records}',
-             f'--model_dir={model_dir}', '--model=tiny', f'--image_size={config.image_size}',
-             '--epochs=4', '--batch_size=32', '--learning_rate=1e-3', '--age_loss=mae',
-             '--shuffle_buffer=1000', '--verbose=0', '--notensorboard', '--noexport']
+             f'--model_dir={model_dir}', '--model=tiny', f'--image_size={config.data.image_size}',
+             '--epochs=4', '--batch_size=32', '--shuffle_buffer=1000', '--deterministic',
+             '--verbose=0', '--notensorboard', '--noexport']
   process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   try:
     while _saved_epoch(model_dir) < 1 and process.poll() is None:
@@ -102,24 +110,32 @@ def test_a_run_killed_with_sigkill_resumes_without_repeating_epochs(
   assert 1 <= saved < 4, 'the run should be killed before its last epoch'
 
   seen = _EpochsSeen()
-  result = train.train_and_evaluate(config, extra_callbacks=[seen.callback])
+  result = train.train_and_evaluate(config, callbacks=[seen.callback])
   assert seen.epochs == list(range(saved, 4))
   assert result['epochs_trained'] == 4 - saved
   assert _epochs_in_history(model_dir) == [0, 1, 2, 3]
 
 
-def test_a_finished_run_started_again_trains_no_more(trained_run, tiny_config):
-  config = json.load(open(os.path.join(trained_run['model_dir'], 'config.json')))
-  result = train.train_and_evaluate(train.TrainConfig(**{
-      **config, 'filters': None, 'tensorboard': False, 'export': False}))
+def _saved_config(model_dir, **overrides):
+  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
+  saved = json.load(open(os.path.join(model_dir, 'config.json')))
+  values = {name: value for section in saved.values() for name, value in section.items()}
+  values['filters'] = tuple(values['filters'])
+  values.update(overrides)
+  return config_lib.make_config(**values)
+
+
+def test_a_finished_run_started_again_trains_no_more(trained_run):
+  config = _saved_config(trained_run['model_dir'], tensorboard=False, export=False)
+  result = train.train_and_evaluate(config)
   assert result['epochs_trained'] == 0
   assert _epochs_in_history(trained_run['model_dir']) == list(range(6))
 
 
-def test_resuming_with_another_model_is_a_usage_error(trained_run):
-  config = json.load(open(os.path.join(trained_run['model_dir'], 'config.json')))
-  other = train.TrainConfig(**{**config, 'filters': (8, 8, 8), 'export': False})
-  with pytest.raises(cli.UsageError, match='filters differ'):
+def test_resuming_with_another_model_is_a_configuration_error(trained_run):
+  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
+  other = _saved_config(trained_run['model_dir'], filters=(8, 8, 8), export=False)
+  with pytest.raises(config_lib.ConfigError, match='filters differ'):
     train.train_and_evaluate(other)
 
 
@@ -133,22 +149,37 @@ def train_flags():
   return flag_values
 
 
-def test_every_config_field_is_a_flag_of_the_train_module(train_flags):
+def test_every_config_field_is_a_flag_and_the_flags_default_to_the_fields(train_flags):
+  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
   own = {flag.name for flag in train_flags.get_flags_for_module(train.__name__)}
-  assert set(train.TrainConfig.__dataclass_fields__) == own
+  assert own == set(config_lib.fields()) | {'recipe'}
+  train_flags(['train'])
+  assert train.config_from_flags(train_flags) == config_lib.Config()
 
 
 def test_flags_become_one_config(train_flags):
   train_flags(['train', '--model=tiny', '--filters=4,8', '--epochs=3', '--mixed_precision'])
   config = train.config_from_flags(train_flags)
-  assert config.model == 'tiny'
-  assert config.filters == (4, 8)
-  assert config.epochs == 3
-  assert config.mixed_precision
-  assert config.batch_size == 128
-  assert config.image_size == 128
-  assert config.records_dir == 'records'
+  assert config.model.model == 'tiny'
+  assert config.model.filters == (4, 8)
+  assert config.optim.epochs == 3
+  assert config.model.mixed_precision
+  assert config.data.batch_size == 128
+  assert config.data.image_size == 128
+  assert config.data.records_dir == 'records'
   assert config.model_dir == os.path.join('runs', 'tiny')
+
+
+def test_the_reference_recipe_is_the_seed_notebooks_and_flags_override_it(train_flags):
+  train_flags(['train', '--recipe=reference', '--epochs=1'])
+  config = train.config_from_flags(train_flags)
+  assert (config.model.model, config.model.batch_norm, config.data.augment) == (
+      'seed_cnn', False, False)
+  assert (config.optim.age_loss, config.optim.age_unit, config.optim.learning_rate,
+          config.optim.weight_decay, config.optim.schedule) == ('mse', 'years', 1e-4, 0.0,
+                                                               'constant')
+  assert (config.optim.gender_loss_weight, config.optim.age_loss_weight) == (1.0, 1.0)
+  assert config.optim.epochs == 1
 
 
 def test_filters_that_are_not_integers_are_a_usage_error(train_flags):
@@ -214,6 +245,10 @@ BAD_FLAGS = [
     (['--records_dir={tmp}/nowhere'], 'no records at'),
     (['--records_dir={empty}'], 'no train examples'),
     (['--model=mobilenet_v3_small', '--weights=imagenet'], 'cannot load imagenet weights'),
+    (['--model=tiny', '--weights=imagenet'], '--weights imagenet weights need'),
+    (['--dropout=1'], '--dropout must be in [0, 1)'),
+    (['--reduce_lr_patience=2'], '--reduce_lr_patience needs the constant'),
+    (['--distribution_strategy=multi_worker'], '--distribution_strategy=multi_worker needs'),
 ]
 
 
@@ -243,54 +278,76 @@ LOSS_EXAMPLES = 97
 LOSS_BATCH = 32
 
 
-def _loss_data():
+def _loss_arrays():
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  images = rng.random((LOSS_EXAMPLES, 32, 32, 3), dtype=np.float32)
+  images = rng.integers(0, 256, (LOSS_EXAMPLES, 32, 32, 3), dtype=np.uint8)
   targets = {'gender_output': rng.integers(0, 2, (LOSS_EXAMPLES, 1)).astype(np.float32),
              'age_output': rng.uniform(1, 90, (LOSS_EXAMPLES, 1)).astype(np.float32)}
-  return tf.data.Dataset.from_tensor_slices((images, targets)).batch(LOSS_BATCH)
+  return images, targets
 
 
-def _compiled_tiny_model():
+def _loss_data():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.data.Dataset.from_tensor_slices(_loss_arrays()).batch(LOSS_BATCH)
+
+
+def _tiny_task(strategy):
   import keras  # pylint: disable=g-import-not-at-top
-  from agegender import model as model_lib  # pylint: disable=g-import-not-at-top
+  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(0)
-  model = model_lib.build_model('tiny', image_size=32, initial_age=40.0)
-  return model_lib.compile_model(model, learning_rate=1e-3)
+  config = config_lib.make_config(model='tiny', image_size=32, batch_size=LOSS_BATCH,
+                                  gender_loss_weight=2.0, epochs=2,
+                                  dropout=0.0)  # Random masks differ between replica layouts.
+  with strategy.scope():
+    return train.build_task(config, {'mean_age': 40.0, 'age_std': 20.0}, steps_per_epoch=4,
+                            global_batch_size=LOSS_BATCH)
 
 
 def loop_history(strategy, epochs=2):
-  """run_epochs' logs per epoch for the tiny model on _loss_data under `strategy`."""
-  with strategy.scope():
-    model = _compiled_tiny_model()
-    model._symbolic_build(data_batch=_loss_data().element_spec)  # pylint: disable=protected-access
-  history = train.run_epochs(
-      model, strategy, strategy.experimental_distribute_dataset(_loss_data()),
-      strategy.experimental_distribute_dataset(_loss_data()), epochs=epochs,
-      steps_per_epoch=4, train_examples=LOSS_EXAMPLES, verbose=0)
-  return history.history
+  """The loop's logs per epoch for the tiny model on _loss_data under `strategy`, and the task."""
+  from agegender import trainer  # pylint: disable=g-import-not-at-top
+  task = _tiny_task(strategy)
+  rows = []
+
+  def end_of_epoch(epoch, logs):
+    rows.append({key: value for key, value in logs.items() if key != 'examples'})
+    return False
+
+  trainer.fit(task, strategy, strategy.experimental_distribute_dataset(_loss_data()),
+              strategy.experimental_distribute_dataset(_loss_data()), first_epoch=0,
+              epochs=epochs, steps_per_epoch=4, end_of_epoch=end_of_epoch, verbose=0)
+  return rows, task
 
 
-def _assert_loss_is_the_sum_of_its_parts(history):
-  for prefix in ('', 'val_'):
-    for total, age, gender in zip(history[prefix + 'loss'], history[prefix + 'age_output_loss'],
-                                  history[prefix + 'gender_output_loss'], strict=True):
-      assert total == pytest.approx(age + gender, rel=1e-5), (prefix, total, age, gender)
-
-
-def test_the_logged_loss_is_the_sum_of_the_head_losses_and_matches_keras_fit():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  history = loop_history(tf.distribute.get_strategy())
-  _assert_loss_is_the_sum_of_its_parts(history)
-  fitted = _compiled_tiny_model().fit(_loss_data(), validation_data=_loss_data(), epochs=2,
-                                      verbose=0).history
-  # Keras fit counts each output's loss per batch (a short batch as a whole one), so only the
-  # quantities it counts per example are compared.
-  for key in ('loss', 'gender_output_accuracy', 'age_output_mae'):
+def _assert_loss_is_the_weighted_sum_of_its_parts(rows):
+  for row in rows:
     for prefix in ('', 'val_'):
-      assert history[prefix + key] == pytest.approx(fitted[prefix + key], rel=1e-4), key
+      total = row[prefix + 'loss']
+      parts = 2.0 * row[prefix + 'gender_output_loss'] + row[prefix + 'age_output_loss']
+      assert total == pytest.approx(parts, rel=1e-5), (prefix, row)
+
+
+def test_the_logged_losses_are_the_means_over_examples_and_add_up():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rows, task = loop_history(tf.distribute.get_strategy())
+  _assert_loss_is_the_weighted_sum_of_its_parts(rows)
+  # The last validation pass, recomputed by hand over all 97 examples at once.
+  images, targets = _loss_arrays()
+  outputs = task.model(images, training=False)
+  probability = np.clip(outputs['gender_output'].numpy(), 1e-7, 1 - 1e-7)
+  gender = targets['gender_output']
+  bce = -(gender * np.log(probability) + (1 - gender) * np.log(1 - probability))
+  error = np.abs(outputs['age_output'].numpy() - targets['age_output'])
+  units = error / 20.0
+  huber = np.where(units <= 1, 0.5 * units ** 2, units - 0.5)
+  last = rows[-1]
+  assert last['val_gender_output_loss'] == pytest.approx(bce.mean(), rel=1e-4)
+  assert last['val_age_output_loss'] == pytest.approx(huber.mean(), rel=1e-4)
+  assert last['val_age_output_mae'] == pytest.approx(error.mean(), rel=1e-4)
+  accuracy = np.mean((probability >= 0.5) == (gender >= 0.5))
+  assert last['val_gender_output_accuracy'] == pytest.approx(accuracy, rel=1e-6)
 
 
 # Two replicas on two logical CPUs, in a process of its own (devices are set before TensorFlow
@@ -304,7 +361,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import test_train
 strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
 print(json.dumps({'replicas': strategy.num_replicas_in_sync,
-                  'history': test_train.loop_history(strategy)}))
+                  'history': test_train.loop_history(strategy)[0]}))
 """
 
 
@@ -317,10 +374,10 @@ def test_the_logged_loss_is_the_sum_of_the_head_losses_on_two_replicas():
   assert completed.returncode == 0, completed.stderr[-3000:]
   result = json.loads(completed.stdout.strip().splitlines()[-1])
   assert result['replicas'] == 2
-  _assert_loss_is_the_sum_of_its_parts(result['history'])
+  _assert_loss_is_the_weighted_sum_of_its_parts(result['history'])
   # The first epoch's training logs are those of one device, from the same steps. (Later ones
   # differ: its last step, split 1 + 0 over the replicas, weighs the gradient differently.)
-  one_device = loop_history(tf.distribute.get_strategy(), epochs=1)
-  for key, values in one_device.items():
+  one_device, _ = loop_history(tf.distribute.get_strategy(), epochs=1)
+  for key, value in one_device[0].items():
     if not key.startswith('val_'):
-      assert result['history'][key][0] == pytest.approx(values[0], rel=1e-5), key
+      assert result['history'][0][key] == pytest.approx(value, rel=1e-5), key
