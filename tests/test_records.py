@@ -5,7 +5,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import statistics as statistics_lib
 import sys
 import tarfile
@@ -16,7 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from agegender import contract, convert, labels, local_runner, output, records, shards
+from agegender import contract, convert, labels, local_runner, records, shards
 from agegender import synthetic
 
 import folders  # tests/folders.py
