@@ -19,13 +19,16 @@ manifest.json, the part every reader relies on (make_records adds more)::
               "validation": {...}, "test": {...}}}
 
 Readers list shards from the manifest, never by globbing, so a half-written
-shard (under a temporary name) is never read.
+shard (under a temporary name) is never read. make_records also writes each
+split's label statistics (`label_statistics` below reads them), so training
+never rereads a split for its mean age or majority gender.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import posixpath
 from typing import Any
 
@@ -56,6 +59,22 @@ STORAGE_FORMATS = (JPEG, RAW)
 
 class RecordsError(Exception):
   """Records that are missing, incomplete or not in this contract's format."""
+
+
+class ArgumentError(ValueError):
+  """A library call's argument that the caller can fix.
+
+  `argument` names the keyword argument at fault, so an entry point can name
+  its own flag for it; str() says what is wrong, in the library's words.
+  """
+
+  def __init__(self, argument: str, message: str):
+    super().__init__(message)
+    self.argument = argument
+
+
+LABEL_STATISTICS_KEYS = ('num_examples', 'mean_age', 'age_std', 'majority_gender',
+                         'majority_share')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,19 +233,43 @@ def image_storage(manifest: dict[str, Any]) -> ImageStorage:
   return ImageStorage.from_json(manifest['image_storage'])
 
 
+def age_statistics(count: int, age_sum: int, age_square_sum: int) -> tuple[float, float]:
+  """Mean age and population standard deviation from exact integer sums.
+
+  Integer sums add up the same in any order, so every runner (and any way of
+  merging partial totals) writes the same floats.
+  """
+  if count == 0:
+    return 0.0, 0.0
+  return age_sum / count, math.sqrt(count * age_square_sum - age_sum * age_sum) / count
+
+
+def majority(gender_counts: dict[str, int]) -> tuple[int, float]:
+  """The most frequent gender (the smaller code on a tie) and its share."""
+  total = sum(gender_counts.values())
+  if total == 0:
+    return 0, 0.0
+  gender = min(gender_counts, key=lambda key: (-gender_counts[key], int(key)))
+  return int(gender), gender_counts[gender] / total
+
+
 def label_statistics(manifest: dict[str, Any], split: str) -> dict[str, Any]:
-  """STOPGAP until the manifest carries statistics: reads the split's labels."""
-  import numpy as np
-  import tensorflow as tf
-  spec = {key: tf.io.FixedLenFeature([], tf.int64) for key in (AGE, GENDER)}
-  dataset = (tf.data.TFRecordDataset(split_shards(manifest, split))
-             .batch(4096).map(lambda records: tf.io.parse_example(records, spec)))
-  ages, genders = [], []
-  for batch in dataset.as_numpy_iterator():
-    ages.append(batch[AGE])
-    genders.append(batch[GENDER])
-  ages, genders = np.concatenate(ages), np.concatenate(genders)
-  majority = int(np.mean(genders) > 0.5)
-  return {'num_examples': int(ages.size), 'mean_age': float(ages.mean()),
-          'age_std': float(ages.std()), 'majority_gender': majority,
-          'majority_share': float(np.mean(genders == majority))}
+  """A split's label statistics, as make_records wrote them.
+
+  {'num_examples': int, 'mean_age': float, 'age_std': float (population),
+   'majority_gender': int, 'majority_share': float}; a split without
+  examples has zeros.
+  """
+  if split not in manifest.get('splits', {}):
+    raise RecordsError(f'unknown split {split!r}; the records have '
+                       f'{", ".join(manifest.get("splits", {}))}')
+  statistics = manifest.get('label_statistics', {}).get(split)
+  if statistics is None or set(statistics) != set(LABEL_STATISTICS_KEYS):
+    where = manifest.get('directory', 'these records')
+    raise RecordsError(f'the records at {where} were written by an older version of '
+                       'make_records, without label statistics; convert them again')
+  return {'num_examples': int(statistics['num_examples']),
+          'mean_age': float(statistics['mean_age']),
+          'age_std': float(statistics['age_std']),
+          'majority_gender': int(statistics['majority_gender']),
+          'majority_share': float(statistics['majority_share'])}

@@ -1,8 +1,15 @@
 """Labels from UTKFace file names.
 
 UTKFace names its images ``{age}_{gender}_{race}_{datetime}.jpg`` (or
-``.jpg.chip.jpg`` for the aligned crops). A few real files lack the race field;
-they keep age and gender and get race -1 (unknown).
+``.jpg.chip.jpg`` for the aligned crops). The labels are the first three
+fields; the datetime is no label, so only its leading digits are checked (at
+least 8, which tells it apart from a race) and whatever follows them is
+ignored: real names such as ``24_0_1_20170116220224657 .jpg.chip.jpg`` (a
+space) and ``55_0_0_20170116232725357jpg.chip.jpg`` (no dot) keep their labels.
+
+Three real files lack the race field (``39_1_20170116174525125.jpg.chip.jpg``):
+their age and gender are kept and their race is -1 (unknown), which the
+histograms count under "-1" and no head is trained on.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ RACES = ('White', 'Black', 'Asian', 'Indian', 'Others')
 UNKNOWN_RACE = -1
 MAX_AGE = 120
 
-_SUFFIXES = ('.jpg.chip.jpg', '.jpg')
-_DATETIME = re.compile(r'\d{8,20}')
+_SUFFIX = '.jpg'
+_DATETIME = re.compile(r'\d{8}')  # The start of the field; the rest is ignored.
 _INTEGER = re.compile(r'-?\d+')
 
 
@@ -45,14 +52,9 @@ def _integer(text: str, field: str) -> int:
 def parse_utkface_name(name: str) -> Labels:
   """Returns the labels in a UTKFace file name, or raises LabelError with the reason."""
   base = _basename(name)
-  stem = None
-  for suffix in _SUFFIXES:
-    if base.lower().endswith(suffix):
-      stem = base[:-len(suffix)]
-      break
-  if stem is None:
+  if not base.lower().endswith(_SUFFIX):
     raise LabelError(f'not a .jpg file name: {base!r}')
-  fields = stem.split('_')
+  fields = base[:-len(_SUFFIX)].split('_')
   if len(fields) == 4:
     age_text, gender_text, race_text, datetime_text = fields
   elif len(fields) == 3:
@@ -61,8 +63,8 @@ def parse_utkface_name(name: str) -> Labels:
   else:
     raise LabelError(
         f'expected age_gender_race_datetime, got {len(fields)} fields: {base!r}')
-  if not _DATETIME.fullmatch(datetime_text):
-    raise LabelError(f'datetime is not a number: {datetime_text!r}')
+  if not _DATETIME.match(datetime_text):
+    raise LabelError(f'datetime does not start with 8 digits: {datetime_text!r}')
   age = _integer(age_text, 'age')
   gender = _integer(gender_text, 'gender')
   race = UNKNOWN_RACE if race_text is None else _integer(race_text, 'race')

@@ -10,18 +10,22 @@
 Writes <records_dir>/utkface/<version>/ (shards, tfds metadata, manifest.json)
 and prints a summary. See agegender.records for how the records are made, and
 agegender.beam_records for the Apache Beam runner (the same output, byte for byte).
+
+This module is the conversion's only command line: the library raises
+contract.ArgumentError naming the argument at fault, and main() turns it into
+one line that names the flag (exit status 2).
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 from absl import flags
 
 from agegender import beam_records  # Imports apache_beam only when it runs.
 from agegender import cli
+from agegender import contract
+from agegender import convert
 from agegender import records
+from agegender import shards
 
 flags.DEFINE_string(
     'source', 'kaggle',
@@ -46,6 +50,18 @@ flags.DEFINE_float('shard_size_mb', records.DEFAULT_SHARD_SIZE_MB,
 flags.DEFINE_integer('num_shards', None,
                      'Shards per split (at most one per example); unset: from --shard_size_mb.',
                      lower_bound=1)
+flags.DEFINE_enum('label_conflicts', shards.DROP, list(shards.LABEL_CONFLICTS),
+                  "Byte-identical copies whose labels disagree: 'drop' every copy (listed "
+                  "in the manifest), or 'keep_first', the copy with the smallest name.")
+flags.DEFINE_float('max_file_mb', records.DEFAULT_MAX_FILE_MB,
+                   'Files and archive members larger than this (MiB, from their size on '
+                   'disk or in the archive header) are rejected without being read.')
+flags.DEFINE_integer('max_image_pixels', records.DEFAULT_MAX_IMAGE_PIXELS,
+                     'Images with more pixels are downscaled to fit, or rejected '
+                     '(--large_images).', lower_bound=1)
+flags.DEFINE_enum('large_images', convert.DOWNSCALE, list(convert.LARGE_IMAGES),
+                  'Images over --max_image_pixels: downscale and re-encode them (JPEGs; '
+                  'others are rejected), or reject them.')
 flags.DEFINE_integer('workers', None,
                      'Processes converting images (1: in this process); unset: the number of '
                      'cores.', lower_bound=1)
@@ -66,6 +82,17 @@ flags.DEFINE_string('beam_pipeline_options', beam_records.DEFAULT_PIPELINE_OPTIO
 
 FLAGS = flags.FLAGS
 
+# How to fix what the library reports, per argument it names; otherwise the flag itself.
+_FIXES = {
+    'overwrite': 'pass --overwrite to replace them, or --skip_if_done to keep them',
+    'source_changed': 'pass --overwrite to replace them',
+    'settings_changed': 'pass --overwrite to replace them',
+    'kaggle': ('without network access, pass --source=PATH with a local copy of UTKFace '
+               "(a folder, a .tar.gz or Kaggle's .zip), or --source=synthetic for "
+               'generated faces'),
+    'runner': 'needed by --runner=beam',
+}
+
 
 def _split(values: list[str]) -> tuple[float, ...]:
   try:
@@ -74,20 +101,27 @@ def _split(values: list[str]) -> tuple[float, ...]:
     raise cli.UsageError(f'--split needs numbers, got {",".join(values)}') from None
 
 
+def _usage_error(error: contract.ArgumentError) -> cli.UsageError:
+  fix = _FIXES.get(error.argument, f'check --{error.argument}')
+  return cli.UsageError(f'{error} ({fix})')
+
+
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  convert = records.convert
-  if FLAGS.runner == 'beam':
-    convert = functools.partial(beam_records.convert,
-                                pipeline_options=FLAGS.beam_pipeline_options)
-  summary = convert(
-      FLAGS.source, FLAGS.records_dir, split=_split(FLAGS.split),
-      image_format=FLAGS.image_format, image_size=FLAGS.image_size,
-      jpeg_quality=FLAGS.jpeg_quality, shard_size_mb=FLAGS.shard_size_mb,
-      num_shards=FLAGS.num_shards, workers=FLAGS.workers or os.cpu_count(),
-      overwrite=FLAGS.overwrite, skip_if_done=FLAGS.skip_if_done,
-      synthetic_count=FLAGS.synthetic_count, seed=FLAGS.seed, progress=FLAGS.progress)
+  try:
+    summary = records.convert(
+        FLAGS.source, FLAGS.records_dir, split=_split(FLAGS.split),
+        image_format=FLAGS.image_format, image_size=FLAGS.image_size,
+        jpeg_quality=FLAGS.jpeg_quality, shard_size_mb=FLAGS.shard_size_mb,
+        num_shards=FLAGS.num_shards, label_conflicts=FLAGS.label_conflicts,
+        max_file_mb=FLAGS.max_file_mb, max_image_pixels=FLAGS.max_image_pixels,
+        large_images=FLAGS.large_images, workers=FLAGS.workers,
+        overwrite=FLAGS.overwrite, skip_if_done=FLAGS.skip_if_done,
+        synthetic_count=FLAGS.synthetic_count, seed=FLAGS.seed, progress=FLAGS.progress,
+        runner=FLAGS.runner, pipeline_options=FLAGS.beam_pipeline_options)
+  except contract.ArgumentError as e:
+    raise _usage_error(e) from None
   print(records.format_summary(summary))
   return 0
 

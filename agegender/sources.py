@@ -5,13 +5,18 @@ A source spec is one of:
 - ``kaggle``: Kaggle's ``jangedoo/utkface-new``, through kagglehub (which keeps
   its own cache; see kagglehub's KAGGLEHUB_CACHE setting);
 - ``synthetic``: generated faces (agegender.synthetic);
-- a path to a folder (searched recursively), a ``.tar``, ``.tar.gz``/``.tgz``
-  or ``.zip`` archive. Folder paths with a scheme (``gs://...``) are read
-  through tf.io.gfile.
+- a path to a folder (searched recursively, symlinked folders followed), a
+  ``.tar``, ``.tar.gz``/``.tgz`` or ``.zip`` archive. Folder paths with a
+  scheme (``gs://...``) are read through tf.io.gfile.
 
 Archives are read member by member: nothing is extracted to disk. Names are
 only ever parsed for labels, never used as paths, so a hostile member name
 (``../../x``) cannot reach anything.
+
+A file or member larger than `max_file_bytes` is never read: its size comes
+from the file system or the archive's header, and the stream yields a
+`TooLarge` in place of its bytes, which the conversion rejects. So one huge
+member (a zip of zeros) costs no memory.
 """
 
 from __future__ import annotations
@@ -23,28 +28,36 @@ import tarfile
 import zipfile
 from typing import Any, Callable, Iterator
 
-from agegender import cli
+from agegender import contract
 
 KAGGLE = 'kaggle'
 SYNTHETIC = 'synthetic'
 KAGGLE_DATASET = 'jangedoo/utkface-new'
 TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
 ZIP_SUFFIXES = ('.zip',)
+DEFAULT_MAX_FILE_BYTES = 32 * 2**20  # Far above any face crop (UTKFace's are about 6 KB).
 # Operating-system litter that is not part of any data set.
 _IGNORED_PARTS = ('__MACOSX',)
 
 
 @dataclasses.dataclass(frozen=True)
+class TooLarge:
+  """Stands for the bytes of a file that was not read: it is over the bound."""
+  size: int
+  limit: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Source:
-  """An opened source: iterate it for (name, bytes); `total` may be None (unknown)."""
+  """An opened source: iterate it for (name, bytes or TooLarge); `total` may be None."""
   spec: str
   kind: str
   location: str | None
   total: int | None
-  _entries: Callable[[], Iterator[tuple[str, bytes]]]
+  entries: Callable[[], Iterator[tuple[str, bytes | TooLarge]]]
 
-  def __iter__(self) -> Iterator[tuple[str, bytes]]:
-    return self._entries()
+  def __iter__(self) -> Iterator[tuple[str, bytes | TooLarge]]:
+    return self.entries()
 
   def describe(self) -> dict[str, Any]:
     return {'spec': self.spec, 'kind': self.kind, 'location': self.location}
@@ -58,37 +71,40 @@ def normalize_spec(spec: str) -> str:
   return os.path.abspath(os.path.expanduser(spec))
 
 
-def open_source(spec: str, *, synthetic_count: int = 3000, seed: int = 0) -> Source:
-  """Opens a source spec; raises cli.UsageError when it cannot be read."""
+def open_source(spec: str, *, synthetic_count: int = 3000, seed: int = 0,
+                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Source:
+  """Opens a source spec; raises contract.ArgumentError when it cannot be read."""
   spec = str(spec)
   if spec == SYNTHETIC:
     return _synthetic_source(synthetic_count, seed)
   if spec == KAGGLE:
-    return _kaggle_source()
-  return open_path(normalize_spec(spec), spec=spec)
+    return _kaggle_source(max_file_bytes)
+  return open_path(normalize_spec(spec), spec=spec, max_file_bytes=max_file_bytes)
 
 
-def open_path(path: str, spec: str | None = None) -> Source:
+def open_path(path: str, spec: str | None = None,
+              max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Source:
   spec = path if spec is None else spec
   if '://' in path:
-    return _gfile_folder_source(path, spec)
+    return _folder_source(path, spec, max_file_bytes)
   if os.path.isdir(path):
-    return _folder_source(path, spec)
+    return _folder_source(path, spec, max_file_bytes)
   if not os.path.exists(path):
-    raise cli.UsageError(
-        f'source {spec!r} does not exist; expected a folder, a .tar/.tar.gz/.tgz '
+    raise contract.ArgumentError(
+        'source', f'source {spec!r} does not exist; expected a folder, a .tar/.tar.gz/.tgz '
         'or .zip archive, "kaggle" or "synthetic"')
   lower = path.lower()
   if lower.endswith(TAR_SUFFIXES):
-    return _tar_source(path, spec)
+    return _tar_source(path, spec, max_file_bytes)
   if lower.endswith(ZIP_SUFFIXES):
-    return _zip_source(path, spec)
-  raise cli.UsageError(
-      f'source {spec!r} is not a folder or a supported archive '
+    return _zip_source(path, spec, max_file_bytes)
+  raise contract.ArgumentError(
+      'source', f'source {spec!r} is not a folder or a supported archive '
       '(.tar, .tar.gz, .tgz, .zip)')
 
 
-def _ignored(name: str) -> bool:
+def ignored(name: str) -> bool:
+  """Hidden files and folders, and operating-system litter."""
   parts = name.split('/')
   return any(part in _IGNORED_PARTS or part.startswith('.') and part not in ('.', '..')
              for part in parts)
@@ -103,9 +119,10 @@ def _member_name(name: str) -> str:
 def _synthetic_source(count: int, seed: int) -> Source:
   from agegender import synthetic  # pylint: disable=g-import-not-at-top
   if count <= 0:
-    raise cli.UsageError(f'--synthetic_count must be positive, got {count}')
+    raise contract.ArgumentError('synthetic_count',
+                                 f'the synthetic count must be positive, got {count}')
   return Source(spec=SYNTHETIC, kind=SYNTHETIC, location=None, total=count,
-                _entries=lambda: synthetic.generate_synthetic(count, seed))
+                entries=lambda: synthetic.generate_synthetic(count, seed))
 
 
 def _first_line(error: BaseException, limit: int = 160) -> str:
@@ -114,107 +131,182 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
   return text if len(text) <= limit else text[:limit] + '...'
 
 
-def _kaggle_source() -> Source:
+def _kaggle_source(max_file_bytes: int) -> Source:
   try:
     import kagglehub  # pylint: disable=g-import-not-at-top
     path = kagglehub.dataset_download(KAGGLE_DATASET)
   except Exception as e:  # pylint: disable=broad-except
     # Offline, kagglehub raises requests' ConnectionError; other failures
     # (credentials, quota) deserve the same way out.
-    raise cli.UsageError(
-        f'cannot download the UTKFace data set {KAGGLE_DATASET} from Kaggle '
-        f'({type(e).__name__}: {_first_line(e)}). Without network access, pass '
-        '--source=PATH with a local copy of UTKFace (a folder, a .tar.gz or '
-        "Kaggle's .zip), or --source=synthetic for generated faces.") from None
-  source = open_path(str(path), spec=KAGGLE)
+    raise contract.ArgumentError(
+        KAGGLE, f'cannot download the UTKFace data set {KAGGLE_DATASET} from Kaggle '
+        f'({type(e).__name__}: {_first_line(e)}); a local copy of UTKFace or the '
+        'synthetic source converts without network access') from None
+  source = open_path(str(path), spec=KAGGLE, max_file_bytes=max_file_bytes)
   return dataclasses.replace(source, kind=KAGGLE)
 
 
-def folder_files(root: str) -> Iterator[tuple[str, str]]:
-  """(name relative to root, full path) of every file under a local or gs:// folder.
+# The one folder walker, for local folders and tf.io.gfile URLs alike.
 
-  The one listing every runner uses, so they all see the same names in the same order.
+class _LocalFiles:
+  """Folder listing on the local file system; symlinks are followed."""
+
+  @staticmethod
+  def real(path: str) -> str:
+    return os.path.realpath(path)
+
+  @staticmethod
+  def entries(directory: str) -> Iterator[tuple[str, bool, int]]:
+    """(name, is a folder, size of a file) of what `directory` holds."""
+    with os.scandir(directory) as found:
+      for entry in found:
+        try:
+          if entry.is_dir():
+            yield entry.name, True, 0
+          elif entry.is_file():
+            yield entry.name, False, entry.stat().st_size
+        except OSError:
+          continue  # Vanished, or a link to nowhere: nothing to read.
+
+  @staticmethod
+  def read(path: str, limit: int) -> bytes:
+    with open(path, 'rb') as f:
+      return f.read(limit)
+
+
+class _GfileFiles:
+  """Folder listing through tf.io.gfile (gs:// and the like have no links)."""
+
+  @staticmethod
+  def real(path: str) -> str:
+    return path.rstrip('/')
+
+  @staticmethod
+  def entries(directory: str) -> Iterator[tuple[str, bool, int]]:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    for name in tf.io.gfile.listdir(directory):
+      path = posixpath.join(directory, name.rstrip('/'))
+      if tf.io.gfile.isdir(path):
+        yield name.rstrip('/'), True, 0
+      else:
+        yield name, False, tf.io.gfile.stat(path).length
+
+  @staticmethod
+  def read(path: str, limit: int) -> bytes:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      return f.read(limit)
+
+
+def _files_of(root: str):
+  return _GfileFiles if '://' in root else _LocalFiles
+
+
+def folder_files(root: str) -> list[tuple[str, str, int]]:
+  """(name relative to root, path, size) of every file under `root`, sorted by name.
+
+  The one listing every runner uses, so they all see the same names. Symlinked
+  folders are followed, and each real folder is read once (under the first
+  name that reaches it), so a link loop or a second link to a folder adds nothing.
   """
+  files_of = _files_of(root)
+  seen, found = set(), []
+
+  def walk(directory: str, prefix: str) -> None:
+    real = files_of.real(directory)
+    if real in seen:
+      return
+    seen.add(real)
+    for name, is_folder, size in sorted(files_of.entries(directory)):
+      relative = prefix + name
+      if ignored(relative):
+        continue
+      path = posixpath.join(directory, name) if files_of is _GfileFiles else os.path.join(
+          directory, name)
+      if is_folder:
+        walk(path, relative + '/')
+      else:
+        found.append((relative, path, size))
+  walk(root, '')
+  return sorted(found)
+
+
+def read_file(name: str, path: str, size: int,
+              max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[str, bytes | TooLarge]:
+  """A listed file's bytes, or TooLarge when its listed size is over the bound."""
+  if size > max_file_bytes:
+    return name, TooLarge(size, max_file_bytes)
+  # At most one byte past the bound: a file that grew since it was listed is not read whole.
+  try:
+    data = _files_of(path).read(path, max_file_bytes + 1)
+  except OSError as e:
+    raise contract.ArgumentError('source', f'cannot read {path}: {_first_line(e)}') from None
+  if len(data) > max_file_bytes:
+    return name, TooLarge(len(data), max_file_bytes)
+  return name, data
+
+
+def _folder_source(root: str, spec: str, max_file_bytes: int) -> Source:
   if '://' in root:
-    return _gfile_folder_files(root)
-  return _local_folder_files(root)
-
-
-def _local_folder_files(root: str) -> Iterator[tuple[str, str]]:
-  """(name relative to root, full path) of every file, in a stable order."""
-  for directory, subdirectories, files in os.walk(root):
-    subdirectories.sort()
-    relative = os.path.relpath(directory, root)
-    for file in sorted(files):
-      name = file if relative == '.' else posixpath.join(
-          relative.replace(os.sep, '/'), file)
-      if not _ignored(name):
-        yield name, os.path.join(directory, file)
-
-
-def _folder_source(root: str, spec: str) -> Source:
-  def entries():
-    for name, path in _local_folder_files(root):
-      with open(path, 'rb') as f:
-        yield name, f.read()
-  total = sum(1 for _ in _local_folder_files(root))
-  return Source(spec=spec, kind='folder', location=root, total=total, _entries=entries)
-
-
-def _gfile_folder_files(root: str) -> Iterator[tuple[str, str]]:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  for directory, subdirectories, files in tf.io.gfile.walk(root):
-    subdirectories.sort()
-    for file in sorted(files):
-      path = posixpath.join(directory, file)
-      name = posixpath.relpath(path, root.rstrip('/'))
-      if not _ignored(name):
-        yield name, path
-
-
-def _gfile_folder_source(root: str, spec: str) -> Source:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if not tf.io.gfile.isdir(root):
-    raise cli.UsageError(f'source {spec!r} is not a folder')
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    if not tf.io.gfile.isdir(root):
+      raise contract.ArgumentError('source', f'source {spec!r} is not a folder')
+  files = folder_files(root)
 
   def entries():
-    for name, path in _gfile_folder_files(root):
-      with tf.io.gfile.GFile(path, 'rb') as f:
-        yield name, f.read()
-  return Source(spec=spec, kind='folder', location=root, total=None, _entries=entries)
+    for name, path, size in files:
+      yield read_file(name, path, size, max_file_bytes)
+  return Source(spec=spec, kind='folder', location=root, total=len(files), entries=entries)
 
 
-def _tar_source(path: str, spec: str) -> Source:
+# Archives.
+
+def _archive_error(spec: str, error: BaseException) -> contract.ArgumentError:
+  return contract.ArgumentError('source',
+                                f'cannot read the archive {spec!r}: {_first_line(error)}')
+
+
+def _tar_source(path: str, spec: str, max_file_bytes: int) -> Source:
   def entries():
     try:
-      # Stream mode ('r|*'): one pass, members read as they come.
+      # Stream mode ('r|*'): one pass, members read as they come; a member
+      # not read is skipped in blocks, never held in memory.
       with tarfile.open(path, mode='r|*') as archive:
         for member in archive:
           name = _member_name(member.name)
-          if member.isfile() and not _ignored(name):
+          if not member.isfile() or ignored(name):
+            continue
+          if member.size > max_file_bytes:
+            yield name, TooLarge(member.size, max_file_bytes)
+          else:
             yield name, archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as e:
-      raise cli.UsageError(f'cannot read the archive {spec!r}: {_first_line(e)}') from None
-  return Source(spec=spec, kind='tar', location=path, total=None, _entries=entries)
+      raise _archive_error(spec, e) from None
+  return Source(spec=spec, kind='tar', location=path, total=None, entries=entries)
 
 
 def _zip_members(path: str, spec: str) -> list[zipfile.ZipInfo]:
   try:
     with zipfile.ZipFile(path) as archive:
       return [info for info in archive.infolist()
-              if not info.is_dir() and not _ignored(info.filename)]
+              if not info.is_dir() and not ignored(info.filename)]
   except (zipfile.BadZipFile, OSError) as e:
-    raise cli.UsageError(f'cannot read the archive {spec!r}: {_first_line(e)}') from None
+    raise _archive_error(spec, e) from None
 
 
-def _zip_source(path: str, spec: str) -> Source:
+def _zip_source(path: str, spec: str, max_file_bytes: int) -> Source:
   members = _zip_members(path, spec)
 
   def entries():
     try:
       with zipfile.ZipFile(path) as archive:
         for info in members:
-          yield _member_name(info.filename), archive.read(info)
+          name = _member_name(info.filename)
+          # zipfile never returns more than the header's size, so the bound holds.
+          if info.file_size > max_file_bytes:
+            yield name, TooLarge(info.file_size, max_file_bytes)
+          else:
+            yield name, archive.read(info)
     except (zipfile.BadZipFile, OSError) as e:
-      raise cli.UsageError(f'cannot read the archive {spec!r}: {_first_line(e)}') from None
-  return Source(spec=spec, kind='zip', location=path, total=len(members), _entries=entries)
+      raise _archive_error(spec, e) from None
+  return Source(spec=spec, kind='zip', location=path, total=len(members), entries=entries)

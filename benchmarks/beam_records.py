@@ -20,7 +20,7 @@ import platform
 import tempfile
 import time
 
-from agegender import beam_records, records, synthetic
+from agegender import records, synthetic
 
 BEAM_OPTIONS = ('--runner=DirectRunner --direct_num_workers=0 '
                 '--direct_running_mode=multi_processing')
@@ -43,8 +43,8 @@ def main() -> None:
   parser.add_argument('--json', help='also write the results here')
   args = parser.parse_args()
   cores = os.cpu_count() or 1
-  beam = lambda source, out, **kwargs: beam_records.convert(
-      source, out, pipeline_options=BEAM_OPTIONS, **kwargs)
+  beam = lambda source, out, **kwargs: records.convert(
+      source, out, runner='beam', pipeline_options=BEAM_OPTIONS, **kwargs)
   best = lambda measure: max(measure() for _ in range(args.repeats))
   with tempfile.TemporaryDirectory() as folder:
     synthetic.write_synthetic_folder(folder, args.count, seed=0)

@@ -21,12 +21,13 @@ import platform
 import tempfile
 import time
 
+from agegender import convert
 from agegender import records
 
 
 def _decode_file(path: str) -> int:
   with open(path, 'rb') as f:
-    return records.decode_image(f.read()).width
+    return convert.decode_image(f.read())[0].width
 
 
 def decode_rate(paths: list[str], pool: concurrent.futures.Executor) -> float:

@@ -16,7 +16,8 @@ import tensorflow_datasets as tfds
 from absl import flags
 from absl.testing import flagsaver
 
-from agegender import beam_records, cli, contract, labels, make_records, records, synthetic
+from agegender import cli, contract, convert, labels, make_records, output, records, shards
+from agegender import synthetic
 
 import folders  # tests/folders.py
 
@@ -29,6 +30,13 @@ def _folder_with_copies_and_bad_files(root):
   faces = dict(synthetic.generate_synthetic(30, seed=5, image_size=64))
   files = {f'UTKFace/{name}': data for name, data in faces.items()}
   files.update({f'crop_part1/{name}': faces[name] for name in sorted(faces)[:6]})
+  # Two pictures whose copies disagree: one on age, one on gender.
+  for index, name in enumerate(sorted(faces)[6:8]):
+    face = labels.parse_utkface_name(name)
+    other = (labels.Labels(face.age + 1 if face.age < labels.MAX_AGE else 0, face.gender,
+                           face.race) if index == 0 else
+             labels.Labels(face.age, 1 - face.gender, face.race))
+    files[f'other/{labels.utkface_name(other, f"2099010100000000{index}")}'] = faces[name]
   files.update(folders.bad_files(faces))
   files['.hidden/30_0_1_20170101000000005.jpg'] = faces[sorted(faces)[0]]
   return folders.write_folder(root, files)
@@ -74,11 +82,10 @@ def outputs(tmp_path_factory):
 
   # The synthetic set through the library, with several shards per split.
   kwargs = dict(synthetic_count=60, seed=3, shard_size_mb=0.05)
-  for runner, convert in (('local', records.convert),
-                          ('beam', lambda *a, **k: beam_records.convert(
-                              *a, pipeline_options=BEAM_OPTIONS, **k))):
+  for runner in ('local', 'beam'):
     out = str(root / f'synthetic-{runner}')
-    summary = convert('synthetic', out, progress=False, **kwargs)
+    summary = records.convert('synthetic', out, progress=False, runner=runner,
+                              pipeline_options=BEAM_OPTIONS, **kwargs)
     result['synthetic'][runner] = (contract.dataset_dir(out), summary)
 
   # The folder through the command line, printout included.
@@ -96,10 +103,10 @@ def outputs(tmp_path_factory):
 def test_shards_and_tfds_metadata_are_byte_identical(outputs, source):
   local, beam = (_files(outputs[source][runner][0]) for runner in ('local', 'beam'))
   assert local.keys() == beam.keys()
-  assert not [name for name in beam if name.startswith(records.TEMP_PREFIX)]
-  shards = [name for name in local if '.tfrecord-' in name]
-  assert len(shards) > len(contract.SPLITS)  # Several shards in some split.
-  for name in shards + list(records.TFDS_FILES):
+  assert not [name for name in beam if name.startswith(shards.TEMP_PREFIX)]
+  shard_names = [name for name in local if '.tfrecord-' in name]
+  assert len(shard_names) > len(contract.SPLITS)  # Several shards in some split.
+  for name in shard_names + list(output.TFDS_FILES):
     assert beam[name] == local[name], name
   assert _without_timings(beam[contract.MANIFEST_NAME]) == _without_timings(
       local[contract.MANIFEST_NAME])
@@ -114,7 +121,7 @@ def test_the_library_returns_the_same_summary(outputs):
   assert beam['accepted_total'] == 60 and beam['rejected_total'] == 0
 
 
-def test_rejects_and_duplicates_are_reported_alike(outputs):
+def test_rejects_duplicates_and_label_conflicts_are_reported_alike(outputs):
   manifests = {runner: contract.read_manifest(outputs['folder'][runner][0])
                for runner in ('local', 'beam')}
   beam = manifests['beam']
@@ -123,20 +130,26 @@ def test_rejects_and_duplicates_are_reported_alike(outputs):
       'bad/130_0_0_20170101000000001.jpg', 'bad/30_0_0_20170101000000002.jpg',
       'bad/30_0_1_20170101000000004.jpg', 'bad/30_1_0_20170101000000003.jpg',
       'bad/not_a_utkface_name.jpg']
-  assert beam['summary']['rejected'] == {records.BAD_NAME: 2, records.EMPTY: 1,
-                                         records.NOT_AN_IMAGE: 1, records.TRUNCATED: 1}
+  assert beam['summary']['rejected'] == {convert.BAD_NAME: 2, convert.EMPTY: 1,
+                                         convert.NOT_AN_IMAGE: 1, convert.TRUNCATED: 1}
   # Six crop_part1 copies; the hidden folder is not read.
   assert beam['duplicates'] == manifests['local']['duplicates']
   assert beam['summary']['duplicates'] == len(beam['duplicates']) == 6
-  assert beam['summary']['accepted_total'] == 30
+  # Two pictures whose copies disagree: every copy dropped.
+  assert beam['label_conflicts'] == manifests['local']['label_conflicts']
+  assert [len(c['files']) for c in beam['label_conflicts']] == [2, 2]
+  assert all(c['kept'] is None for c in beam['label_conflicts'])
+  assert beam['summary']['accepted_total'] == 28
+  assert beam['label_statistics'] == manifests['local']['label_statistics']
 
 
 def test_the_printed_summary_is_the_local_one(outputs):
   local, beam = (outputs['folder'][runner][1].strip().splitlines()
                  for runner in ('local', 'beam'))
-  assert len(beam) == 5 and beam[0].startswith('make_records: wrote ')
-  assert beam[1:4] == local[1:4]  # Accepted, rejected, duplicates; then timings.
+  assert len(beam) == 7 and beam[0].startswith('make_records: wrote ')
+  assert beam[1:6] == local[1:6]  # Accepted ... downscaled; then timings.
   assert 'duplicates dropped: 6' in beam[3]
+  assert 'label conflicts: 2 images whose copies disagree (4 files)' in beam[4]
 
 
 @pytest.mark.parametrize('source', ['synthetic', 'folder'])
@@ -159,8 +172,8 @@ def test_without_beam_the_beam_runner_says_how_to_install_it(monkeypatch, tmp_pa
                                         f'--records_dir={tmp_path}', '--runner=beam')
   lines = stderr.strip().splitlines()
   assert status == 2 and len(lines) == 1, stderr
-  assert "error: --runner=beam needs Apache Beam" in lines[0]
-  assert "pip install -e '.[beam]'" in lines[0]
+  assert 'error: the Beam runner needs Apache Beam' in lines[0]
+  assert "pip install -e '.[beam]'" in lines[0] and '--runner=beam' in lines[0]
   assert not os.path.exists(contract.dataset_dir(str(tmp_path)))
   # The local runner never needs it.
   status, stdout, stderr = _run_make_records('--source=synthetic', '--synthetic_count=5',

@@ -18,6 +18,10 @@ from agegender.labels import LabelError, Labels, parse_utkface_name, utkface_nam
     ('39_1_20170116174525125.jpg.chip.jpg', Labels(39, 1, -1)),
     ('61_1_20170109150557335.jpg.chip.jpg', Labels(61, 1, -1)),
     ('61_3_20170109150557335.JPG', None),
+    # Real UTKFace files whose ending is mangled: the labels are the first three fields.
+    ('24_0_1_20170116220224657 .jpg.chip.jpg', Labels(24, 0, 1)),
+    ('55_0_0_20170116232725357jpg.chip.jpg', Labels(55, 0, 0)),
+    ('UTKFace/1_0_2_201612201912323831.jpg.chip.jpg', Labels(1, 0, 2)),  # 18 digits.
 ])
 def test_parses_real_names(name, expected):
   if expected is None:
@@ -36,6 +40,9 @@ def test_parses_real_names(name, expected):
     ('.jpg', 'fields'),
     ('25_0_2_.jpg', 'datetime'),
     ('25_0_2_2017x116.jpg', 'datetime'),
+    ('25_0_2.jpg', 'datetime'),  # Too short for a datetime: not the race-less form.
+    ('25_0_2_ 20170116220224657.jpg', 'datetime'),
+    ('25 _0_2_20170116220224657.jpg', 'age is not an integer'),
     ('x_0_2_20170116174525125.jpg', 'age is not an integer'),
     ('2.5_0_2_20170116174525125.jpg', 'age is not an integer'),
     ('_0_2_20170116174525125.jpg', 'age is not an integer'),

@@ -13,7 +13,8 @@ from agegender import cli, contract, make_records
 
 FLAG_NAMES = ('source', 'records_dir', 'split', 'image_format', 'image_size', 'jpeg_quality',
               'shard_size_mb', 'num_shards', 'workers', 'synthetic_count', 'seed',
-              'overwrite', 'skip_if_done')
+              'overwrite', 'skip_if_done', 'label_conflicts', 'max_file_mb', 'max_image_pixels',
+              'large_images')
 
 
 def _run(monkeypatch, *args):
@@ -44,6 +45,7 @@ def test_converts_and_then_is_up_to_date(monkeypatch, capsys, tmp_path):
   assert _run(monkeypatch, *args) in (0, None)
   out = capsys.readouterr().out
   assert 'accepted: train' in out and 'duplicates dropped: 0' in out
+  assert 'label conflicts: none' in out
   manifest = contract.read_manifest(str(tmp_path))
   assert manifest['flags']['split'] == [0.6, 0.2, 0.2]
   assert manifest['image_storage'] == {'format': 'jpeg', 'size': 32, 'jpeg_quality': 95}
@@ -56,13 +58,18 @@ def test_converts_and_then_is_up_to_date(monkeypatch, capsys, tmp_path):
   assert _run(monkeypatch, *args) == 2
   assert '--overwrite' in _error_line(capsys)
   assert _run(monkeypatch, *args[:-1], '--num_shards=3', '--skip_if_done') == 2
-  assert '--num_shards=2 (now 3)' in _error_line(capsys)
+  line = _error_line(capsys)
+  assert 'num_shards=2 (now 3)' in line and '--overwrite' in line
 
 
 @pytest.mark.parametrize('args, message', [
     (('--source=/no/such/folder',), 'does not exist'),
     (('--source=synthetic', '--image_format=raw'), 'image size'),
+    (('--source=synthetic', '--image_format=raw'), '--image_size'),
     (('--source=synthetic', '--split=0.8,x,0.1'), 'needs numbers'),
+    (('--source=synthetic', '--split=0.5,0.2,0.2'), '--split'),
+    (('--source=synthetic', '--max_file_mb=0'), '--max_file_mb'),
+    (('--source=synthetic', '--label_conflicts=vote'), 'label_conflicts'),
     (('--source=synthetic', '--image_format=png'), 'image_format'),
     (('--source=synthetic', 'extra'), 'unexpected arguments'),
 ])

@@ -1,10 +1,11 @@
-"""records: the per-image function, the conversion, and the records it writes."""
+"""The conversion: the per-image function, records.convert, and the records it writes."""
 
+import collections
 import hashlib
 import io
 import json
 import os
-import shutil
+import statistics as statistics_lib
 import sys
 import tarfile
 import zipfile
@@ -14,11 +15,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from agegender import cli, contract, labels, records, synthetic
+from agegender import contract, convert, labels, local_runner, records, shards
+from agegender import synthetic
 
 import folders  # tests/folders.py
 
-OPTIONS = records.ConvertOptions()
+OPTIONS = convert.ConvertOptions()
 
 
 @pytest.fixture(scope='module')
@@ -65,26 +67,26 @@ def _manifest_without_timings(directory):
 
 def test_rgb_jpeg_is_stored_unchanged(faces):
   name, data = next(iter(faces.items()))
-  result = records.convert_image(name, data, OPTIONS)
-  assert isinstance(result, records.Converted)
+  result = convert.convert_image(name, data, OPTIONS)
+  assert isinstance(result, convert.Converted)
   assert result.content_hash == hashlib.sha256(data).digest()
-  assert result.split == records.split_of(result.position, OPTIONS.split)
+  assert result.split == convert.split_of(result.position, OPTIONS.split)
   row = tf.io.parse_single_example(result.example, contract.feature_spec())
   assert row['image'].numpy() == data
   assert row['file_name'].numpy().decode() == name
 
 
 @pytest.mark.parametrize('index, kind, detail', [
-    (0, records.BAD_NAME, 'datetime'),
-    (1, records.BAD_NAME, 'age out of range'),
-    (2, records.EMPTY, 'no bytes'),
-    (3, records.TRUNCATED, 'truncated'),
-    (4, records.NOT_AN_IMAGE, 'cannot identify'),
+    (0, convert.BAD_NAME, 'datetime'),
+    (1, convert.BAD_NAME, 'age out of range'),
+    (2, convert.EMPTY, 'no bytes'),
+    (3, convert.TRUNCATED, 'truncated'),
+    (4, convert.NOT_AN_IMAGE, 'cannot identify'),
 ])
 def test_bad_inputs_are_rejected_with_the_reason(faces, index, kind, detail):
   name, data = list(folders.bad_files(faces).items())[index]
-  result = records.convert_image(name, data, OPTIONS)
-  assert isinstance(result, records.Rejected)
+  result = convert.convert_image(name, data, OPTIONS)
+  assert isinstance(result, convert.Rejected)
   assert (result.name, result.kind) == (name, kind)
   assert detail in result.reason
 
@@ -95,7 +97,7 @@ def test_bad_inputs_are_rejected_with_the_reason(faces, index, kind, detail):
     _jpeg('CMYK', (10, 20, 30, 40)),
 ], ids=['png', 'grayscale', 'cmyk'])
 def test_other_images_become_rgb_jpegs(data):
-  result = records.convert_image('30_1_2_20170101000000000.jpg', data, OPTIONS)
+  result = convert.convert_image('30_1_2_20170101000000000.jpg', data, OPTIONS)
   image = tf.io.parse_single_example(result.example, contract.feature_spec())['image']
   assert image.numpy() != data
   assert tf.io.decode_jpeg(image).shape == (24, 24, 3)
@@ -104,9 +106,9 @@ def test_other_images_become_rgb_jpegs(data):
 def test_resized_and_raw_storage(faces):
   name, data = next(iter(faces.items()))
   for storage in (contract.ImageStorage('jpeg', 16, 90), contract.ImageStorage('raw', 16)):
-    options = records.ConvertOptions(storage=storage, jpeg_quality=90)
+    options = convert.ConvertOptions(storage=storage, jpeg_quality=90)
     image = tf.io.parse_single_example(
-        records.convert_image(name, data, options).example, contract.feature_spec())['image']
+        convert.convert_image(name, data, options).example, contract.feature_spec())['image']
     if storage.format == 'raw':
       assert tf.io.decode_raw(image, tf.uint8).shape == (16 * 16 * 3,)
     else:
@@ -115,14 +117,14 @@ def test_resized_and_raw_storage(faces):
 
 def test_split_and_shard_follow_the_bytes_not_the_name(faces):
   data = faces[sorted(faces)[0]]
-  first = records.convert_image('20_0_0_20170101000000000.jpg', data, OPTIONS)
-  second = records.convert_image('dir/70_1_3_20990101000000000.jpg.chip.jpg', data, OPTIONS)
+  first = convert.convert_image('20_0_0_20170101000000000.jpg', data, OPTIONS)
+  second = convert.convert_image('dir/70_1_3_20990101000000000.jpg.chip.jpg', data, OPTIONS)
   assert (first.content_hash, first.split) == (second.content_hash, second.split)
-  ranges = records.split_ranges((0.8, 0.1, 0.1))
+  ranges = convert.split_ranges((0.8, 0.1, 0.1))
   assert ranges['train'][0] == 0 and ranges['test'][1] == 2**64
   assert ranges['train'][1] == ranges['validation'][0]
   start, end = ranges['validation']
-  assert [records.shard_of(p, (start, end), 4) for p in (start, end - 1)] == [0, 3]
+  assert [convert.shard_of(p, (start, end), 4) for p in (start, end - 1)] == [0, 3]
 
 
 # The conversion.
@@ -140,8 +142,8 @@ def test_kaggle_layout_with_duplicates_and_bad_files(tmp_path, faces):
 
   assert summary['accepted_total'] == len(faces)
   assert summary['duplicates'] == len(faces) + 5
-  assert summary['rejected'] == {records.BAD_NAME: 2, records.EMPTY: 1,
-                                 records.NOT_AN_IMAGE: 1, records.TRUNCATED: 1}
+  assert summary['rejected'] == {convert.BAD_NAME: 2, convert.EMPTY: 1,
+                                 convert.NOT_AN_IMAGE: 1, convert.TRUNCATED: 1}
   manifest = contract.read_manifest(str(tmp_path / 'out'))
   assert sorted(r['file'] for r in manifest['rejected']) == sorted(folders.bad_files(faces))
   assert all(d['same_as'] == 'UTKFace/' + d['file'].rsplit('/', 1)[-1]
@@ -208,48 +210,18 @@ def test_splits_are_stable_under_renaming_and_adding(tmp_path, faces):
   assert {image: splits[1][image] for image in splits[0]} == splits[0]
 
 
-def test_a_killed_conversion_reruns_to_the_clean_output(tmp_path, faces, monkeypatch):
-  folder = folders.write_folder(tmp_path / 'src', faces)
-  clean, crashed = str(tmp_path / 'clean'), str(tmp_path / 'crashed')
-  records.convert(folder, clean, num_shards=3, progress=False)
-
-  finish = records._ShardWriter._finish_current
-  calls = []
-
-  def crash_on_second_shard(writer):
-    calls.append(writer)
-    if len(calls) == 2:
-      raise RuntimeError('killed')
-    finish(writer)
-  monkeypatch.setattr(records._ShardWriter, '_finish_current', crash_on_second_shard)
-  with pytest.raises(RuntimeError, match='killed'):
-    records.convert(folder, crashed, num_shards=3, progress=False)
-  left = os.listdir(contract.dataset_dir(crashed))
-  assert contract.MANIFEST_NAME not in left
-  assert [n for n in left if n.startswith(records.TEMP_PREFIX)] == [
-      records.TEMP_PREFIX + contract.shard_name('train', 1, 3)]
-  with pytest.raises(contract.RecordsError):
-    contract.read_manifest(crashed)
-
-  monkeypatch.setattr(records._ShardWriter, '_finish_current', finish)
-  records.convert(folder, crashed, num_shards=3, progress=False)
-  assert _files(contract.dataset_dir(crashed)).keys() == _files(contract.dataset_dir(clean)).keys()
-  for name, data in _files(contract.dataset_dir(clean)).items():
-    if name != contract.MANIFEST_NAME:
-      assert _files(contract.dataset_dir(crashed))[name] == data, name
-
-
 def test_existing_output_is_kept_unless_asked(tmp_path):
   out = str(tmp_path / 'out')
   records.convert('synthetic', out, synthetic_count=20, progress=False)
-  with pytest.raises(cli.UsageError, match='--overwrite'):
+  with pytest.raises(contract.ArgumentError, match='already exist') as raised:
     records.convert('synthetic', out, synthetic_count=20, progress=False)
+  assert raised.value.argument == 'overwrite'
   up_to_date = records.convert('synthetic', out, synthetic_count=20, skip_if_done=True,
                                progress=False)
   assert up_to_date['up_to_date'] and 'up to date' in records.format_summary(up_to_date)
-  with pytest.raises(cli.UsageError, match=r'--synthetic_count=20 \(now 21\).*--overwrite'):
+  with pytest.raises(contract.ArgumentError, match=r'synthetic_count=20 \(now 21\)'):
     records.convert('synthetic', out, synthetic_count=21, skip_if_done=True, progress=False)
-  with pytest.raises(cli.UsageError, match='source'):
+  with pytest.raises(contract.ArgumentError, match='source'):
     records.convert(str(tmp_path), out, skip_if_done=True, progress=False)
   replaced = records.convert('synthetic', out, synthetic_count=21, overwrite=True,
                              progress=False)
@@ -258,10 +230,10 @@ def test_existing_output_is_kept_unless_asked(tmp_path):
 
 def test_nothing_valid_is_an_error_and_writes_nothing(tmp_path, faces):
   folder = folders.write_folder(tmp_path / 'src', folders.bad_files(faces))
-  with pytest.raises(cli.UsageError, match='no valid images.*all 5 files rejected'):
+  with pytest.raises(contract.ArgumentError, match='no valid images.*all 5 files rejected'):
     records.convert(folder, str(tmp_path / 'out'), progress=False)
-  assert not os.path.exists(tmp_path / 'out')
-  with pytest.raises(cli.UsageError, match='no files found'):
+  assert [files for _, _, files in os.walk(tmp_path / 'out') if files] == []
+  with pytest.raises(contract.ArgumentError, match='no files found'):
     records.convert(folders.write_folder(tmp_path / 'empty', {}), str(tmp_path / 'out'), progress=False)
 
 
@@ -283,17 +255,22 @@ def test_tfds_reads_the_records(tmp_path, image_format, image_size):
     assert theirs[0]['image'].tobytes() == ours[0]['image']
 
 
-def test_bad_options_are_usage_errors(tmp_path):
-  for kwargs, message in (({'image_format': 'raw'}, 'image size'),
-                          ({'split': (0.5, 0.2, 0.2)}, 'sum to 1'),
-                          ({'jpeg_quality': 0}, 'jpeg_quality')):
-    with pytest.raises(cli.UsageError, match=message):
+def test_bad_arguments_name_the_argument_and_no_flag(tmp_path):
+  for kwargs, argument, message in (
+      ({'image_format': 'raw'}, 'image_size', 'image size'),
+      ({'split': (0.5, 0.2, 0.2)}, 'split', 'sum to 1'),
+      ({'jpeg_quality': 0}, 'jpeg_quality', 'JPEG quality'),
+      ({'label_conflicts': 'vote'}, 'label_conflicts', 'drop, keep_first'),
+      ({'max_file_mb': 0}, 'max_file_mb', 'positive')):
+    with pytest.raises(contract.ArgumentError, match=message) as raised:
       records.convert('synthetic', str(tmp_path), synthetic_count=5, **kwargs)
+    assert raised.value.argument == argument and '--' not in str(raised.value)
+  assert not os.path.exists(tmp_path / 'utkface')
 
 
 def test_workers_are_processes_without_tensorflow():
   assert 'tensorflow' in sys.modules  # Loaded here, as in every command.
-  with records.process_pool(2) as pool:
+  with local_runner.process_pool(2) as pool:
     pid, loaded = pool.submit(
         eval, "__import__('os').getpid(), 'tensorflow' in __import__('sys').modules").result()
   assert pid != os.getpid() and not loaded
@@ -301,6 +278,89 @@ def test_workers_are_processes_without_tensorflow():
 
 def test_the_process_pool_converts_as_one_process_does(faces):
   stream = list(faces.items()) + list(folders.bad_files(faces).items())
-  alone = list(records.convert_stream(stream, OPTIONS, workers=1))
-  assert list(records.convert_stream(stream, OPTIONS, workers=2, chunk_size=3)) == alone
+  alone = list(local_runner.convert_stream(stream, OPTIONS, workers=1))
+  assert list(local_runner.convert_stream(stream, OPTIONS, workers=2, chunk_size=3)) == alone
   assert [r.name for r in alone] == [name for name, _ in stream]
+
+
+# Copies whose labels disagree.
+
+def _folder_with_agreeing_and_disagreeing_copies(root, faces):
+  """Every face once under UTKFace/; one agreeing copy and two disagreeing ones elsewhere."""
+  names = sorted(faces)
+  files = {f'UTKFace/{name}': faces[name] for name in names}
+  files[f'crop_part1/{names[0]}'] = faces[names[0]]
+  first, second = (labels.parse_utkface_name(name) for name in names[1:3])
+  older = labels.Labels(first.age + 1 if first.age < labels.MAX_AGE else 0, first.gender,
+                        first.race)
+  other_gender = labels.Labels(second.age, 1 - second.gender, second.race)
+  conflicts = [sorted([f'UTKFace/{names[1]}',
+                       f'crop_part1/{labels.utkface_name(older, "20990101000000001")}']),
+               sorted([f'UTKFace/{names[2]}',
+                       f'crop_part1/{labels.utkface_name(other_gender, "20990101000000002")}'])]
+  files[conflicts[0][1]], files[conflicts[1][1]] = faces[names[1]], faces[names[2]]
+  return folders.write_folder(root, files), sorted(conflicts)
+
+
+def test_a_picture_whose_copies_disagree_is_dropped_and_listed(tmp_path, faces):
+  folder, conflicts = _folder_with_agreeing_and_disagreeing_copies(tmp_path / 'src', faces)
+  out = str(tmp_path / 'out')
+  summary = records.convert(folder, out, workers=1, progress=False)
+
+  assert summary['accepted_total'] == len(faces) - 2
+  assert (summary['duplicates'], summary['label_conflicts'],
+          summary['label_conflict_files']) == (1, 2, 4)
+  assert ('label conflicts: 2 images whose copies disagree (4 files), all copies dropped'
+          in records.format_summary(summary))
+  manifest = contract.read_manifest(out)
+  assert manifest['label_conflicts'] == [{'files': files, 'kept': None} for files in conflicts]
+  assert [d['file'] for d in manifest['duplicates']] == [f'crop_part1/{sorted(faces)[0]}']
+  rows = [row for split in contract.SPLITS for row in _read_split(out, split)]
+  dropped = {faces[name] for name in sorted(faces)[1:3]}
+  assert len(rows) == len(faces) - 2 and not dropped & {row['image'] for row in rows}
+  _assert_labels_match_names(rows)
+
+
+def test_keeping_the_first_copy_of_a_conflict_keeps_its_smallest_name(tmp_path, faces):
+  folder, conflicts = _folder_with_agreeing_and_disagreeing_copies(tmp_path / 'src', faces)
+  out = str(tmp_path / 'out')
+  summary = records.convert(folder, out, label_conflicts='keep_first', workers=1,
+                            progress=False)
+
+  assert summary['accepted_total'] == len(faces)
+  assert 'the smallest name of each kept' in records.format_summary(summary)
+  manifest = contract.read_manifest(out)
+  assert manifest['label_conflicts'] == [{'files': files, 'kept': files[0]}
+                                         for files in conflicts]
+  names = {row['file_name'].decode() for split in contract.SPLITS
+           for row in _read_split(out, split)}
+  assert {files[0] for files in conflicts} <= names
+  assert not {files[1] for files in conflicts} & names
+
+
+def test_the_manifest_holds_each_splits_label_statistics(tmp_path):
+  out = str(tmp_path / 'out')
+  records.convert('synthetic', out, synthetic_count=60, seed=2, split=(0.5, 0.5, 0.0),
+                  workers=1, progress=False)
+  manifest = contract.read_manifest(out)
+  for split in contract.SPLITS:
+    rows = _read_split(out, split)
+    ages = [int(row['age']) for row in rows]
+    genders = collections.Counter(int(row['gender']) for row in rows)
+    statistics = contract.label_statistics(manifest, split)
+    assert set(statistics) == {'num_examples', 'mean_age', 'age_std', 'majority_gender',
+                               'majority_share'}
+    assert statistics['num_examples'] == len(rows)
+    if not rows:  # The empty test split.
+      assert statistics == {'num_examples': 0, 'mean_age': 0.0, 'age_std': 0.0,
+                            'majority_gender': 0, 'majority_share': 0.0}
+      continue
+    assert statistics['mean_age'] == pytest.approx(statistics_lib.fmean(ages))
+    assert statistics['age_std'] == pytest.approx(statistics_lib.pstdev(ages))
+    majority, count = max(sorted(genders.items()), key=lambda item: item[1])
+    assert statistics['majority_gender'] == majority
+    assert statistics['majority_share'] == pytest.approx(count / len(rows))
+
+  del manifest['label_statistics']  # As an older version wrote it.
+  with pytest.raises(contract.RecordsError, match='older version.*convert them again'):
+    contract.label_statistics(manifest, 'train')

@@ -1,0 +1,216 @@
+"""The per-image conversion: one source file to one record, or to the reason why not.
+
+`convert_image(name, data, options)` is pure: parse the labels from the name,
+decode the image once to validate it, hash the bytes, pick the split from the
+hash and serialize the record. Every runner (the local process pool, Apache
+Beam) runs exactly this function, so they write the same bytes.
+
+Where a record lands follows from its content hash alone:
+
+- split: the first 64 bits of sha256(bytes), read as a number in [0, 2**64),
+  fall into the train / validation / test ranges of the split fractions;
+- shard: the split's hash range cut into `num_shards` equal parts;
+- order within a shard: by hash (ties, which are copies, by name).
+
+So a split never changes when files are renamed, reordered or added.
+
+Images that are not RGB JPEGs (a PNG named .jpg, grayscale or CMYK JPEGs) are
+re-encoded as RGB JPEG rather than rejected: what lands always decodes with
+tf.io.decode_jpeg(channels=3) or decode_raw. An image with more pixels than
+`max_pixels` is downscaled to fit (a JPEG is decoded at a reduced scale, so
+memory stays near the bound) or rejected, so no record decodes into more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import math
+import warnings
+
+from PIL import Image
+
+from agegender import contract
+from agegender import labels as labels_lib
+from agegender import sources
+
+DEFAULT_SPLIT = (0.8, 0.1, 0.1)
+DEFAULT_JPEG_QUALITY = 95
+DEFAULT_MAX_PIXELS = 2048 * 2048  # 100 times a 200x200 UTKFace crop.
+DOWNSCALE, REJECT = 'downscale', 'reject'  # What happens to an image over max_pixels.
+LARGE_IMAGES = (DOWNSCALE, REJECT)
+_POSITIONS = 2**64  # Hash positions: the first 8 bytes of sha256, big-endian.
+# JPEG decoders reduce by at most 8 in each direction while decoding.
+_MAX_DRAFT_REDUCTION = 8
+
+# Reject kinds, counted in the summary; each reject also carries its detail.
+BAD_NAME = 'bad name'
+EMPTY = 'empty file'
+TOO_LARGE = 'file too large'
+NOT_AN_IMAGE = 'not an image'
+TOO_MANY_PIXELS = 'too many pixels'
+TRUNCATED = 'truncated image'
+CORRUPT = 'corrupt image'
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+  split: tuple[float, float, float] = DEFAULT_SPLIT
+  storage: contract.ImageStorage = contract.ImageStorage()
+  jpeg_quality: int = DEFAULT_JPEG_QUALITY  # For every re-encoded image.
+  max_pixels: int = DEFAULT_MAX_PIXELS
+  large_images: str = DOWNSCALE
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+  name: str
+  kind: str
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+  content_hash: bytes  # sha256 of the source bytes.
+  split: str
+  example: bytes       # The serialized tf.train.Example.
+  name: str
+  labels: labels_lib.Labels
+  downscaled_from: tuple[int, int] | None = None  # The source's size, when downscaled.
+
+  @property
+  def position(self) -> int:
+    return hash_position(self.content_hash)
+
+
+class ImageRejected(Exception):
+  def __init__(self, kind: str, reason: str):
+    super().__init__(reason)
+    self.kind = kind
+
+
+def hash_position(content_hash: bytes) -> int:
+  return int.from_bytes(content_hash[:8], 'big')
+
+
+def split_ranges(split: tuple[float, ...]) -> dict[str, tuple[int, int]]:
+  """Each split's [start, end) range of hash positions."""
+  ranges, start, total = {}, 0, 0.0
+  for name, fraction in zip(contract.SPLITS, split):
+    total += fraction
+    end = _POSITIONS if name == contract.SPLITS[-1] else round(total * _POSITIONS)
+    ranges[name] = (start, end)
+    start = end
+  return ranges
+
+
+def split_of(position: int, split: tuple[float, ...]) -> str:
+  for name, (start, end) in split_ranges(split).items():
+    if start <= position < end:
+      return name
+  raise AssertionError(f'position {position} outside every split')
+
+
+def shard_of(position: int, split_range: tuple[int, int], num_shards: int) -> int:
+  start, end = split_range
+  return (position - start) * num_shards // (end - start)
+
+
+def _open(data: bytes) -> Image.Image:
+  """Reads the header only; PIL's own pixel bound is ours to report, not a warning."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+      return Image.open(io.BytesIO(data))
+  except Image.UnidentifiedImageError:
+    # PIL's message names the buffer's address, which would differ between runs.
+    raise ImageRejected(NOT_AN_IMAGE, 'cannot identify image file') from None
+  except Image.DecompressionBombError as e:
+    raise ImageRejected(TOO_MANY_PIXELS, str(e)) from None
+
+
+def _fitted_size(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+  scale = math.sqrt(max_pixels / (size[0] * size[1]))
+  return max(1, math.floor(size[0] * scale)), max(1, math.floor(size[1] * scale))
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 large_images: str = DOWNSCALE) -> tuple[Image.Image, tuple[int, int] | None]:
+  """Decodes every pixel once; returns (image, the source's size if downscaled).
+
+  Raises ImageRejected with the reason. An image over `max_pixels` is only
+  downscaled when it is a JPEG whose decoder can reduce it (by up to 8 in each
+  direction) to within the bound; it is decoded at that reduced scale, so it
+  never costs much more memory than the bound. Anything else that large is
+  rejected before its pixels are decoded.
+  """
+  if not data:
+    raise ImageRejected(EMPTY, 'the file has no bytes')
+  image = _open(data)
+  width, height = image.size
+  if width < 1 or height < 1:
+    raise ImageRejected(CORRUPT, f'image of size {image.size}')
+  too_many = width * height > max_pixels
+  if too_many:
+    reduced = width * height // _MAX_DRAFT_REDUCTION**2
+    if large_images == REJECT or image.format != 'JPEG' or reduced > max_pixels:
+      raise ImageRejected(TOO_MANY_PIXELS, f'{width}x{height} pixels, more than the bound '
+                                           f'of {max_pixels}')
+    image.draft('RGB', _fitted_size(image.size, max_pixels))  # Decodes at 1/2..1/8 scale.
+  try:
+    image.load()
+  except OSError as e:
+    kind = TRUNCATED if 'truncated' in str(e) else CORRUPT
+    raise ImageRejected(kind, str(e)) from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Decoders raise what they like on bad data (SyntaxError, ValueError...).
+    raise ImageRejected(CORRUPT, f'{type(e).__name__}: {e}') from None
+  if too_many:
+    image = image.convert('RGB').resize(_fitted_size((width, height), max_pixels),
+                                        Image.Resampling.BILINEAR)
+  return image, (width, height) if too_many else None
+
+
+def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format='JPEG', quality=quality)
+  return buffer.getvalue()
+
+
+def stored_image(image: Image.Image, data: bytes, options: ConvertOptions,
+                 downscaled: bool = False) -> bytes:
+  """The bytes of the `image` feature under the chosen storage."""
+  storage = options.storage
+  if (storage.is_source_bytes and not downscaled and image.format == 'JPEG' and
+      image.mode == 'RGB'):
+    return data  # The common case: the source's bytes, unchanged.
+  rgb = image.convert('RGB')
+  if storage.size is not None and rgb.size != (storage.size, storage.size):
+    rgb = rgb.resize((storage.size, storage.size), Image.Resampling.BILINEAR)
+  if storage.format == contract.RAW:
+    return rgb.tobytes()  # size x size x 3, row-major.
+  return _encode_jpeg(rgb, options.jpeg_quality)
+
+
+def convert_image(name: str, data: bytes | sources.TooLarge,
+                  options: ConvertOptions) -> Converted | Rejected:
+  """One source file to a record, or to the reason it cannot be one."""
+  try:
+    labels = labels_lib.parse_utkface_name(name)
+  except labels_lib.LabelError as e:
+    return Rejected(name, BAD_NAME, str(e))
+  if isinstance(data, sources.TooLarge):
+    return Rejected(name, TOO_LARGE, f'{data.size} bytes, more than the bound of '
+                                     f'{data.limit} (not read)')
+  try:
+    image, downscaled_from = decode_image(data, options.max_pixels, options.large_images)
+    stored = stored_image(image, data, options, downscaled=downscaled_from is not None)
+  except ImageRejected as e:
+    return Rejected(name, e.kind, str(e))
+  content_hash = hashlib.sha256(data).digest()
+  example = contract.serialize_example(stored, labels.age, labels.gender, labels.race, name)
+  return Converted(content_hash=content_hash,
+                   split=split_of(hash_position(content_hash), options.split),
+                   example=example, name=name, labels=labels,
+                   downscaled_from=downscaled_from)
