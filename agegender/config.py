@@ -172,7 +172,8 @@ def as_dict(config: Config) -> dict[str, dict[str, Any]]:
 
 
 def check(config: Config) -> None:
-  """Raises ValueError(name, message) for values that would fail later."""
+  """Raises contract.ArgumentError for values that would fail later; its text starts with the
+  field's name (which is also its flag's)."""
   positive = ('image_size', 'batch_size', 'shuffle_buffer', 'epochs', 'learning_rate',
               'steps_per_execution', 'reduce_lr_factor')
   not_negative = ('dense_units', 'weight_decay', 'warmup_steps', 'gender_loss_weight',
@@ -182,33 +183,25 @@ def check(config: Config) -> None:
   for name in positive + not_negative:
     value = getattr(getattr(config, by_name[name][0]), name)
     if (value <= 0 if name in positive else value < 0):
-      raise ConfigError(name, f'must be {"positive" if name in positive else "non-negative"}, '
-                              f'got {value}')
+      raise contract.ArgumentError(
+          name, f'{name} must be {"positive" if name in positive else "non-negative"}, '
+                f'got {value}')
   for name, (section, field) in by_name.items():
     value = getattr(getattr(config, section), name)
     if 'choices' in field.metadata and value not in field.metadata['choices']:
-      raise ConfigError(name, f'must be one of {", ".join(field.metadata["choices"])}, '
-                              f'got {value!r}')
+      raise contract.ArgumentError(
+          name, f'{name} must be one of {", ".join(field.metadata["choices"])}, got {value!r}')
   if any(count <= 0 for count in config.model.filters):
-    raise ConfigError('filters', f'must be positive, got {config.model.filters}')
+    raise contract.ArgumentError('filters', f'filters must be positive, got {config.model.filters}')
   if not 0.0 <= config.model.dropout < 1.0:
-    raise ConfigError('dropout', f'must be in [0, 1), got {config.model.dropout}')
+    raise contract.ArgumentError('dropout', f'dropout must be in [0, 1), got {config.model.dropout}')
   if config.data.image_size < 32:
-    raise ConfigError('image_size', f'must be at least 32, got {config.data.image_size}')
+    raise contract.ArgumentError('image_size', f'image_size must be at least 32, got {config.data.image_size}')
   if config.model.weights != 'none' and config.model.model in ('seed_cnn', 'tiny'):
-    raise ConfigError('weights', f'{config.model.weights} weights need a keras.applications '
+    raise contract.ArgumentError('weights', f'weights {config.model.weights} need a keras.applications '
                                  f'model, not {config.model.model}')
   if config.optim.reduce_lr_patience and config.optim.schedule != 'constant':
-    raise ConfigError('reduce_lr_patience', 'needs the constant learning-rate schedule')
+    raise contract.ArgumentError('reduce_lr_patience', 'reduce_lr_patience needs the constant learning-rate schedule')
   if config.data.data_service and config.data.cache:
-    raise ConfigError('cache', 'does not go with a tf.data service (each service worker '
+    raise contract.ArgumentError('cache', 'cache does not go with a tf.data service (each service worker '
                                'would cache only the shards it happened to read)')
-
-
-class ConfigError(ValueError):
-  """A configuration value that cannot work; `name` is the field (and the flag)."""
-
-  def __init__(self, name: str, message: str):
-    super().__init__(f'{name} {message}')
-    self.name = name
-    self.message = message

@@ -55,7 +55,7 @@ def _split_shards(manifest: dict[str, Any], split: str,
   if len(paths) < workers:
     # As tf.data's DATA auto-shard policy does: every pipeline reads every shard.
     logging.warning('split %r has %d shard(s) for %d input pipelines: each pipeline reads '
-                    'every shard and keeps every %d-th record (more shards would let each '
+                    'every shard and keeps one record in every %d (more shards would let each '
                     'read only its own)', split, len(paths), workers, workers)
     return paths, counts, workers
   return paths[index::workers], counts[index::workers], 1

@@ -94,8 +94,8 @@ def make_strategy(name: str):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if name == 'multi_worker':
     if not os.environ.get('TF_CONFIG'):
-      raise config_lib.ConfigError('distribution_strategy', '=multi_worker needs the cluster '
-                                   'in the TF_CONFIG environment variable')
+      raise contract.ArgumentError('distribution_strategy', 'distribution_strategy=multi_worker '
+                                   'needs the cluster in the TF_CONFIG environment variable')
     # Before anything else starts TensorFlow's runtime, which it configures for collectives.
     return tf.distribute.MultiWorkerMirroredStrategy()
   gpus = tf.config.list_logical_devices('GPU')
@@ -138,8 +138,8 @@ def _check_same_model(config: config_lib.Config, model_dir: str) -> None:
   if saved.get('data', {}).get('image_size') != config.data.image_size:
     changed.append('image_size')
   if changed:
-    raise config_lib.ConfigError(
-        'model_dir', f'{model_dir} holds a run of another model ({", ".join(changed)} '
+    raise contract.ArgumentError(
+        'model_dir', f'model_dir {model_dir} holds a run of another model ({", ".join(changed)} '
         'differ); choose another --model_dir, or delete it to start over')
 
 
@@ -171,7 +171,8 @@ def fit(config: config_lib.Config, strategy, model_dir: str, *, is_chief: bool,
   manifest = contract.read_manifest(config.data.records_dir)
   sizes = split_sizes(manifest)
   if config.data.batch_size % strategy.num_replicas_in_sync:
-    raise config_lib.ConfigError('batch_size', f'={config.data.batch_size} must divide evenly '
+    raise contract.ArgumentError('batch_size', f'batch_size={config.data.batch_size} must '
+                                 'divide evenly '
                                  f'over {strategy.num_replicas_in_sync} replicas')
   keras.utils.set_random_seed(config.data.seed)
   if config.data.deterministic:
@@ -263,9 +264,8 @@ def main(argv):
   config = config_from_flags()
   try:
     result = train_and_evaluate(config)
-  except config_lib.ConfigError as e:
-    separator = '' if e.message.startswith('=') else ' '
-    raise cli.UsageError(f'--{e.name}{separator}{e.message}') from None
+  except contract.ArgumentError as e:
+    raise cli.UsageError(f'--{e}') from None  # Its text starts with the field's (the flag's) name.
   except shard_reader.DamagedShardError as e:
     raise cli.UsageError(f'{e}; --skip_corrupt skips corrupt records') from None
   except model_lib.WeightsUnavailable as e:

@@ -15,6 +15,9 @@ import time
 import numpy as np
 import pytest
 
+import runs  # tests/runs.py
+
+from agegender import config as config_lib
 from agegender import contract
 from agegender import pipeline
 from agegender import records
@@ -43,15 +46,6 @@ def _free_ports(count):
   return ports
 
 
-def _weights(path):
-  import h5py  # pylint: disable=g-import-not-at-top
-  arrays = {}
-  with h5py.File(path, 'r') as f:
-    f.visititems(lambda name, item: arrays.__setitem__(name, item[()])
-                 if isinstance(item, h5py.Dataset) else None)
-  return arrays
-
-
 def _start_workers(records_dir, model_dir, worker_dirs, epochs, verbose=0):
   """One `agegender.train` process per worker on fresh loopback ports."""
   cluster = {'worker': [f'127.0.0.1:{port}' for port in _free_ports(WORKERS)]}
@@ -63,8 +57,8 @@ def _start_workers(records_dir, model_dir, worker_dirs, epochs, verbose=0):
     command = [sys.executable, '-m', 'agegender.train', f'--records_dir={records_dir}',
                f'--model_dir={model_dir}', f'--worker_dir={worker_dirs[index]}',
                '--distribution_strategy=multi_worker', '--model=tiny', f'--image_size={SIZE}',
-               f'--epochs={epochs}', '--batch_size=32', '--learning_rate=1e-3',
-               '--age_loss=mae', '--shuffle_buffer=300', f'--verbose={verbose}',
+               f'--epochs={epochs}', '--batch_size=32', '--shuffle_buffer=300',
+               f'--verbose={verbose}',
                '--notensorboard']
     processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, env=env))
@@ -87,12 +81,22 @@ def _finish(processes, timeout=240):
 
 
 @pytest.fixture(scope='module')
-def cluster_run(cluster_records, tmp_path_factory):
-  """Two workers' train runs to the end: (model_dir, worker_dirs, completed processes)."""
+def one_shard_records(tmp_path_factory):
+  """Records whose training split is one shard: fewer shards than workers."""
+  root = tmp_path_factory.mktemp('one_shard_records')
+  records.convert('synthetic', str(root), image_size=SIZE, num_shards=1,
+                  synthetic_count=COUNT, seed=2, progress=False)
+  return str(root)
+
+
+@pytest.fixture(scope='module')
+def cluster_run(one_shard_records, tmp_path_factory):
+  """Two workers' train runs to the end on one training shard (each worker keeps every other
+  record): (model_dir, worker_dirs, completed processes)."""
   work = tmp_path_factory.mktemp('cluster')
   model_dir = work / 'run'
   worker_dirs = [work / f'worker{index}' for index in range(WORKERS)]
-  processes = _start_workers(cluster_records, model_dir, worker_dirs, epochs=2)
+  processes = _start_workers(one_shard_records, model_dir, worker_dirs, epochs=2)
   return model_dir, worker_dirs, _finish(processes)
 
 
@@ -100,6 +104,7 @@ def test_both_workers_finish_and_only_the_chief_writes_the_outputs(cluster_run):
   model_dir, worker_dirs, completed = cluster_run
   for status, _, err in completed:
     assert status == 0, err[-3000:]
+    assert 'keeps one record in every 2' in err  # Fewer shards than workers: sharded by record.
   for name in ('model.keras', 'history.csv', 'metrics.json', 'config.json',
                'export/saved_model.pb'):
     assert os.path.isfile(os.path.join(model_dir, name)), name
@@ -119,20 +124,11 @@ def test_both_workers_finish_and_only_the_chief_writes_the_outputs(cluster_run):
 
 def test_both_workers_end_with_the_same_weights(cluster_run):
   model_dir, worker_dirs, _ = cluster_run
-  chief = _weights(os.path.join(model_dir, 'backup', 'latest.weights.h5'))
-  other = _weights(os.path.join(worker_dirs[1], 'backup', 'latest.weights.h5'))
+  chief = runs.model_weights(model_dir)
+  other = runs.model_weights(worker_dirs[1])
   assert chief.keys() == other.keys() and chief
   for name, values in chief.items():
     np.testing.assert_array_equal(values, other[name], err_msg=name)
-
-
-def _saved_epoch(model_dir):
-  """Epochs finished in the backup of `model_dir` (0 before the first)."""
-  try:
-    with open(os.path.join(model_dir, 'backup', 'training_metadata.json')) as f:
-      return json.load(f)['epoch']
-  except (OSError, ValueError):
-    return 0
 
 
 def _history(model_dir):
@@ -140,13 +136,13 @@ def _history(model_dir):
     return list(csv.DictReader(f))
 
 
-def test_workers_killed_and_restarted_resume_from_the_saved_epoch(cluster_records, tmp_path):
+def test_workers_killed_and_restarted_resume_from_theruns.saved_epoch(cluster_records, tmp_path):
   epochs = 3
   model_dir = tmp_path / 'run'
   worker_dirs = [tmp_path / f'worker{index}' for index in range(WORKERS)]
   processes = _start_workers(cluster_records, model_dir, worker_dirs, epochs)
   try:
-    while _saved_epoch(model_dir) < 1 and all(p.poll() is None for p in processes):
+    while runs.saved_epoch(model_dir) < 1 and all(p.poll() is None for p in processes):
       time.sleep(0.02)
     for process in processes:
       os.kill(process.pid, signal.SIGKILL)
@@ -154,7 +150,7 @@ def test_workers_killed_and_restarted_resume_from_the_saved_epoch(cluster_record
     killed = _finish(processes, timeout=60)
   for status, _, err in killed:
     assert status == -signal.SIGKILL, err[-3000:]
-  saved = _saved_epoch(model_dir)
+  saved = runs.saved_epoch(model_dir)
   assert 1 <= saved < epochs, 'the workers should be killed before their last epoch'
   finished_before = [row for row in _history(model_dir) if int(row['epoch']) < saved]
 
@@ -169,8 +165,8 @@ def test_workers_killed_and_restarted_resume_from_the_saved_epoch(cluster_record
   rows = _history(model_dir)
   assert [int(row['epoch']) for row in rows] == list(range(epochs))
   assert rows[:saved] == finished_before  # Those epochs' rows were not written again.
-  chief = _weights(os.path.join(model_dir, 'backup', 'latest.weights.h5'))
-  other = _weights(os.path.join(worker_dirs[1], 'backup', 'latest.weights.h5'))
+  chief = runs.model_weights(model_dir)
+  other = runs.model_weights(worker_dirs[1])
   assert chief.keys() == other.keys() and chief
   for name, values in chief.items():
     np.testing.assert_array_equal(values, other[name], err_msg=name)
@@ -182,8 +178,8 @@ def test_the_workers_read_disjoint_shards_that_cover_the_split(cluster_records):
   for index in range(WORKERS):
     context = tf.distribute.InputContext(num_input_pipelines=WORKERS, input_pipeline_id=index,
                                          num_replicas_in_sync=WORKERS)
-    dataset = pipeline.make_dataset(cluster_records, 'train', batch_size=32, training=True,
-                                    image_size=SIZE, input_context=context,
+    data = config_lib.DataConfig(records_dir=cluster_records, batch_size=32, image_size=SIZE)
+    dataset = pipeline.make_dataset(data, 'train', training=True, input_context=context,
                                     include_metadata=True)
     names.append({name for _, _, metadata in dataset
                   for name in metadata[contract.FILE_NAME].numpy()})

@@ -4,7 +4,7 @@ import csv
 import importlib.util
 import json
 import os
-import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +12,8 @@ import time
 
 from absl import flags
 import pytest
+
+import runs  # tests/runs.py
 
 from agegender import cli
 from agegender import train
@@ -65,16 +67,6 @@ def test_the_history_holds_the_epochs_learning_rate_of_the_cosine_schedule(train
   assert max(rates) > rates[-1] and all(rate >= 0 for rate in rates)
 
 
-def _saved_epoch(model_dir):
-  """The epoch of the latest checkpoint the run saved (0 before the first)."""
-  try:
-    with open(os.path.join(model_dir, 'checkpoints', 'checkpoint')) as f:
-      match = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', f.read(), re.MULTILINE)
-  except OSError:
-    return 0
-  return int(match.group(1)) if match else 0
-
-
 class _EpochsSeen:
   """A callback that records the epochs the loop runs."""
 
@@ -100,13 +92,13 @@ def test_a_run_killed_with_sigkill_resumes_without_repeating_epochs(
              '--verbose=0', '--notensorboard', '--noexport']
   process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   try:
-    while _saved_epoch(model_dir) < 1 and process.poll() is None:
+    while runs.saved_epoch(model_dir) < 1 and process.poll() is None:
       time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
   finally:
     _, stderr = process.communicate(timeout=60)
   assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
-  saved = _saved_epoch(model_dir)
+  saved = runs.saved_epoch(model_dir)
   assert 1 <= saved < 4, 'the run should be killed before its last epoch'
 
   seen = _EpochsSeen()
@@ -133,9 +125,9 @@ def test_a_finished_run_started_again_trains_no_more(trained_run):
 
 
 def test_resuming_with_another_model_is_a_configuration_error(trained_run):
-  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
+  from agegender import contract  # pylint: disable=g-import-not-at-top
   other = _saved_config(trained_run['model_dir'], filters=(8, 8, 8), export=False)
-  with pytest.raises(config_lib.ConfigError, match='filters differ'):
+  with pytest.raises(contract.ArgumentError, match='filters differ'):
     train.train_and_evaluate(other)
 
 
@@ -245,18 +237,33 @@ BAD_FLAGS = [
     (['--records_dir={tmp}/nowhere'], 'no records at'),
     (['--records_dir={empty}'], 'no train examples'),
     (['--model=mobilenet_v3_small', '--weights=imagenet'], 'cannot load imagenet weights'),
-    (['--model=tiny', '--weights=imagenet'], '--weights imagenet weights need'),
+    (['--model=tiny', '--weights=imagenet'], '--weights imagenet need a keras.applications model'),
     (['--dropout=1'], '--dropout must be in [0, 1)'),
     (['--reduce_lr_patience=2'], '--reduce_lr_patience needs the constant'),
     (['--distribution_strategy=multi_worker'], '--distribution_strategy=multi_worker needs'),
+    (['--records_dir={damaged}'], '; --skip_corrupt skips corrupt records'),
 ]
+
+
+def _damaged_records(tmp_path, synthetic_records):
+  """A copy of the records with one training shard cut in half."""
+  from agegender import contract  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / 'damaged'
+  shutil.copytree(synthetic_records, copy)
+  shard = contract.split_shards(contract.read_manifest(str(copy)), 'train')[0]
+  with open(shard, 'rb') as f:
+    data = f.read()
+  with open(shard, 'wb') as f:
+    f.write(data[:len(data) // 2])
+  return copy
 
 
 def test_each_bad_flag_gives_one_line_and_exit_2(tmp_path, synthetic_records):
   empty = _empty_records(tmp_path, synthetic_records)
+  damaged = _damaged_records(tmp_path, synthetic_records)
   cases = []
   for args, _ in BAD_FLAGS:
-    args = [arg.format(tmp=tmp_path, empty=empty) for arg in args]
+    args = [arg.format(tmp=tmp_path, empty=empty, damaged=damaged) for arg in args]
     if not any(arg.startswith('--records_dir') for arg in args):
       args.append(f'--records_dir={synthetic_records}')
     cases.append([f'--model_dir={tmp_path}/run', '--image_size=32', '--verbose=0', *args])
