@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from agegender import contract
 from agegender import evaluate
@@ -71,12 +72,28 @@ def test_an_empty_split_is_a_records_error():
     _metrics(true_age=[], predicted_age=[], true_gender=[], gender_probability=[], race=[])
 
 
-def test_label_statistics_read_the_training_labels(synthetic_records):
+def test_label_statistics_are_those_of_the_training_labels(synthetic_records):
   manifest = contract.read_manifest(synthetic_records)
-  statistics = evaluate.label_statistics(synthetic_records, 'train')
-  assert statistics['count'] == manifest['splits']['train']['num_examples']
-  assert 1 <= statistics['mean_age'] <= 90
-  assert statistics['majority_gender'] in (0, 1)
+  statistics = contract.label_statistics(manifest, 'train')
+  spec = {key: tf.io.FixedLenFeature([], tf.int64) for key in (contract.AGE, contract.GENDER)}
+  labels = [tf.io.parse_single_example(record, spec) for record in
+            tf.data.TFRecordDataset(contract.split_shards(manifest, 'train'))]
+  ages = np.array([int(label[contract.AGE]) for label in labels])
+  genders = np.array([int(label[contract.GENDER]) for label in labels])
+  assert statistics['num_examples'] == len(labels) == manifest['splits']['train']['num_examples']
+  assert statistics['mean_age'] == pytest.approx(ages.mean())
+  assert statistics['age_std'] == pytest.approx(ages.std())
+  majority = int(np.mean(genders) > 0.5)
+  assert statistics['majority_gender'] == majority
+  assert statistics['majority_share'] == pytest.approx(np.mean(genders == majority))
+
+
+def test_a_run_s_baselines_are_the_training_split_s_mean_and_majority(trained_run,
+                                                                     synthetic_records):
+  statistics = contract.label_statistics(contract.read_manifest(synthetic_records), 'train')
+  baselines = trained_run['metrics']['baselines']
+  assert baselines['train_mean_age'] == pytest.approx(statistics['mean_age'])
+  assert baselines['majority_gender'] == ('male', 'female')[statistics['majority_gender']]
 
 
 def test_evaluation_of_a_run_writes_json_table_and_plot(trained_run, synthetic_records):

@@ -1,4 +1,5 @@
-"""Export and prediction: the serving signature on raw bytes, safe loading, the predict CLI."""
+"""Export and prediction: the serving signature on raw bytes, its contract for bytes that
+do not decode, safe loading, the predict CLI."""
 
 import io
 import json
@@ -12,12 +13,15 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from agegender import cli
+from agegender import config as config_lib
 from agegender import contract
 from agegender import export
 from agegender import pipeline
 from agegender import predict
+from agegender import preprocess
 from agegender import synthetic
+
+BATCH = 32
 
 
 def _test_records(records_dir):
@@ -32,34 +36,41 @@ def _test_records(records_dir):
   return pairs
 
 
-def _keras_outputs_on_pipeline(model, records_dir, image_size):
-  """Keras model outputs on the pipeline's test batches, by file name."""
-  outputs = {}
-  dataset = pipeline.make_dataset(records_dir, 'test', batch_size=32, image_size=image_size,
-                                  include_metadata=True)
-  for images, _, metadata in dataset:
-    predicted = model.predict_on_batch(images)
-    for name, age, female in zip(metadata['file_name'].numpy(),
-                                 predicted['age_output'].reshape(-1),
-                                 predicted['gender_output'].reshape(-1), strict=True):
-      outputs[name.decode()] = (age, female)
-  return outputs
+def _pipeline_test_batches(records_dir, image_size):
+  """The pipeline's test batches: (uint8 images, file names) in record order."""
+  data = config_lib.DataConfig(records_dir=records_dir, batch_size=BATCH, image_size=image_size)
+  return [(images, [name.decode() for name in metadata['file_name']])
+          for images, _, metadata in pipeline.make_dataset(data, 'test', include_metadata=True)
+          .as_numpy_iterator()]
+
+
+def test_serving_decodes_the_bytes_exactly_as_the_pipeline(synthetic_records):
+  by_name = dict(_test_records(synthetic_records))
+  decode = tf.function(lambda image_bytes: export.decode_images(image_bytes, 48),
+                       input_signature=[tf.TensorSpec([None], tf.string)])
+  for images, names in _pipeline_test_batches(synthetic_records, 48):
+    decoded = decode(tf.constant([by_name[name] for name in names])).numpy()
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, images)
 
 
 def test_the_saved_model_on_raw_bytes_matches_keras_on_the_pipeline(trained_run,
                                                                     synthetic_records):
   model = export.load_keras_model(trained_run['model_dir'])
   serve = export.load_serving_function(trained_run['export_dir'])
-  names, encoded = zip(*_test_records(synthetic_records), strict=True)
-  served = serve(image_bytes=tf.constant(encoded))
-  expected = _keras_outputs_on_pipeline(model, synthetic_records, export.image_size_of(model))
-  assert set(expected) == set(names)
-  np.testing.assert_allclose(served['age'].numpy(), [expected[n][0] for n in names],
-                             rtol=1e-4, atol=1e-3)
-  np.testing.assert_allclose(served['gender_probability'].numpy(),
-                             [expected[n][1] for n in names], rtol=1e-4, atol=1e-5)
-  genders = [g.decode() for g in served['gender'].numpy()]
-  assert genders == ['female' if expected[n][1] >= 0.5 else 'male' for n in names]
+  by_name = dict(_test_records(synthetic_records))
+  batches = _pipeline_test_batches(synthetic_records, export.image_size_of(model))
+  assert sorted(name for _, names in batches for name in names) == sorted(by_name)
+  for images, names in batches:
+    # The same images in the same batches: the same numbers, to the bit.
+    served = serve(image_bytes=tf.constant([by_name[name] for name in names]))
+    expected = model.predict_on_batch(images)
+    np.testing.assert_array_equal(served['age'].numpy(), expected['age_output'].reshape(-1))
+    np.testing.assert_array_equal(served['gender_probability'].numpy(),
+                                  expected['gender_output'].reshape(-1))
+    genders = [g.decode() for g in served['gender'].numpy()]
+    assert genders == ['female' if p >= 0.5 else 'male'
+                       for p in expected['gender_output'].reshape(-1)]
 
 
 def test_the_serving_signature_takes_a_string_batch(trained_run):
@@ -82,7 +93,7 @@ def test_the_saved_model_takes_png_of_any_size(trained_run):
   encoded = [_png(100, 80), _png(30, 50, seed=1)]
   served = serve(image_bytes=tf.constant(encoded))
   size = export.image_size_of(model)
-  images = np.stack([pipeline.preprocess_encoded_image(e, size).numpy() for e in encoded])
+  images = np.stack([preprocess.preprocess_encoded_image(e, size).numpy() for e in encoded])
   np.testing.assert_allclose(served['age'].numpy(),
                              model.predict_on_batch(images)['age_output'].reshape(-1),
                              rtol=1e-4, atol=1e-3)
@@ -97,9 +108,29 @@ def test_loading_refuses_a_model_that_would_run_code(tmp_path):
     export.load_keras_model(path)
 
 
-def test_loading_a_missing_model_is_a_usage_error(tmp_path):
-  with pytest.raises(cli.UsageError, match='no model at'):
+def test_loading_a_missing_model_is_a_file_not_found_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match=f'no model at {tmp_path}.*agegender.train'):
     export.load_keras_model(str(tmp_path))
+
+
+def test_a_served_batch_with_unreadable_images_fails_naming_their_positions(trained_run):
+  serve = export.load_serving_function(trained_run['export_dir'])
+  faces = [jpeg for _, jpeg in synthetic.generate_synthetic(3, seed=4)]
+  truncated = faces[0][:len(faces[0]) // 2]
+  for broken in (b'plain text, not an image', b'', truncated, _png(40, 40)[:60]):
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+      serve(image_bytes=tf.constant([faces[0], broken, faces[1], broken, faces[2]]))
+    assert ('image_bytes[1, 3]: not a readable image (JPEG, PNG, BMP or GIF); the batch was '
+            'not served') in str(error.value)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r'image_bytes\[0\]: not a readable'):
+    serve(image_bytes=tf.constant([truncated]))
+  # The next batch is served as if nothing had happened, and so is an empty one.
+  served = serve(image_bytes=tf.constant(faces))
+  alone = [serve(image_bytes=tf.constant([face]))['age'].numpy()[0] for face in faces]
+  np.testing.assert_allclose(served['age'].numpy(), alone, rtol=1e-6)
+  empty = serve(image_bytes=tf.constant([], tf.string))
+  assert {name: output.shape for name, output in empty.items()} == {
+      'age': (0,), 'gender_probability': (0,), 'gender': (0,)}
 
 
 @pytest.fixture
