@@ -136,7 +136,7 @@ def _history(model_dir):
     return list(csv.DictReader(f))
 
 
-def test_workers_killed_and_restarted_resume_from_theruns.saved_epoch(cluster_records, tmp_path):
+def test_workers_killed_and_restarted_resume_from_the_saved_epoch(cluster_records, tmp_path):
   epochs = 3
   model_dir = tmp_path / 'run'
   worker_dirs = [tmp_path / f'worker{index}' for index in range(WORKERS)]
