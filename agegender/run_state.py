@@ -17,11 +17,11 @@ import logging as python_logging
 import json
 import math
 import os
-import tempfile
 
 from absl import logging
 import tensorflow as tf
 
+from agegender import shards
 from agegender import trainer
 
 MODEL_FILE = 'model.keras'
@@ -44,21 +44,6 @@ def quiet():
   finally:
     logging.set_verbosity(verbosity)
     tf.get_logger().setLevel(tf_level)
-
-
-def write_atomically(path: str, data: bytes | str) -> None:
-  """Writes beside `path` and moves into place, so a reader never sees half a file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  mode = 'wb' if isinstance(data, bytes) else 'w'
-  handle, partial = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.')
-  try:
-    with os.fdopen(handle, mode) as f:
-      f.write(data)
-    os.replace(partial, path)
-  except BaseException:
-    if os.path.exists(partial):
-      os.remove(partial)
-    raise
 
 
 class RunState:
@@ -119,7 +104,7 @@ class RunState:
     with quiet():
       self.manager.save(checkpoint_number=epoch + 1)
     if self.write_outputs:
-      write_atomically(os.path.join(self.model_dir, HISTORY_FILE), history_csv(rows))
+      shards.write_text(os.path.join(self.model_dir, HISTORY_FILE), history_csv(rows))
       self._write_summaries(epoch, logs)
     if examples is not None:
       logs['examples'] = examples
@@ -129,11 +114,9 @@ class RunState:
     return stop
 
   def _save_best(self) -> None:
-    # Keras writes .keras files only under that extension: a temporary name that keeps it.
-    final = os.path.join(self.model_dir, MODEL_FILE)
-    partial = os.path.join(self.model_dir, f'.partial-{MODEL_FILE}')
-    self.task.model.save(partial)
-    os.replace(partial, final)
+    # The temporary name keeps the .keras ending, which Keras needs.
+    with shards.atomic_path(os.path.join(self.model_dir, MODEL_FILE)) as partial:
+      self.task.model.save(partial)
 
   def _reduce_learning_rate(self, factor: float) -> None:
     # A constant learning rate is an optimizer variable: saved with the state, so it stays reduced.

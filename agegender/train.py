@@ -226,6 +226,7 @@ def train_and_evaluate(config: config_lib.Config, callbacks: Sequence = ()) -> d
   from agegender import evaluate  # pylint: disable=g-import-not-at-top
   from agegender import export  # pylint: disable=g-import-not-at-top
   from agegender import run_state  # pylint: disable=g-import-not-at-top
+  from agegender import shards  # pylint: disable=g-import-not-at-top
   config_lib.check(config)
   model_dir = config.model_dir
   strategy = make_strategy(config.run.distribution_strategy)
@@ -237,8 +238,8 @@ def train_and_evaluate(config: config_lib.Config, callbacks: Sequence = ()) -> d
             'export_dir': None}
   _check_same_model(config, model_dir)
   os.makedirs(model_dir, exist_ok=True)
-  run_state.write_atomically(os.path.join(model_dir, run_state.CONFIG_FILE),
-                             json.dumps(config_lib.as_dict(config), indent=2))
+  shards.write_text(os.path.join(model_dir, run_state.CONFIG_FILE),
+                    json.dumps(config_lib.as_dict(config), indent=2))
   task, state, trained = fit(config, strategy, model_dir, is_chief=True, callbacks=callbacks)
   rows = state.history
   run_state.plot_learning_curves(rows, os.path.join(model_dir, run_state.CURVES_FILE))
