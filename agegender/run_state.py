@@ -50,10 +50,11 @@ class RunState:
   """The checkpointed state of one run, and the files that derive from it."""
 
   def __init__(self, model_dir: str, task: trainer.Task, *, write_outputs: bool = True,
-               restore_from: str | None = None):
+               tensorboard: bool = True, restore_from: str | None = None):
     self.model_dir = model_dir
     self.task = task
     self.write_outputs = write_outputs
+    self.tensorboard = tensorboard
     self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
     self.best = tf.Variable(math.inf, dtype=tf.float64, trainable=False, name='best')
     self.since_best = tf.Variable(0, dtype=tf.int64, trainable=False, name='since_best')
@@ -105,7 +106,8 @@ class RunState:
       self.manager.save(checkpoint_number=epoch + 1)
     if self.write_outputs:
       shards.write_text(os.path.join(self.model_dir, HISTORY_FILE), history_csv(rows))
-      self._write_summaries(epoch, logs)
+      if self.tensorboard:
+        self._write_summaries(epoch, logs)
     if examples is not None:
       logs['examples'] = examples
     stop = bool(patience) and int(self.since_best) >= patience

@@ -182,6 +182,7 @@ def fit(config: config_lib.Config, strategy, model_dir: str, *, is_chief: bool,
     task = build_task(config, contract.label_statistics(manifest, 'train'), steps_per_epoch,
                       config.data.batch_size)
   state = run_state.RunState(model_dir, task, write_outputs=is_chief,
+                             tensorboard=config.run.tensorboard,
                              restore_from=None if is_chief else config.model_dir)
   first_epoch = state.restore()
   train_data = pipeline.distribute_dataset(
