@@ -48,7 +48,7 @@ def resize_pixels(image: Any, image_size: int = contract.DEFAULT_IMAGE_SIZE) -> 
     return tf.cast(tf.round(tf.clip_by_value(pixels, 0.0, 255.0)), tf.uint8)
 
   is_target = tf.reduce_all(tf.equal(tf.shape(image)[-3:-1], target))
-  same = lambda: tf.cast(tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0), tf.uint8)
+  same = lambda: tf.cast(tf.round(tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0)), tf.uint8)
   if image.dtype == tf.uint8:
     same = lambda: image
   image = tf.cond(is_target, same, resized)
