@@ -1,15 +1,17 @@
-"""The tf.data service: an in-process dispatcher and two workers on loopback feed
-make_dataset and training; the servers' command line."""
+"""The tf.data service: a dispatcher and workers in their own processes on
+loopback feed the pipeline and training through data_service.distribute; a
+lost worker ends a pass, a killed dispatcher resumes; the servers' command line."""
 
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from agegender import cli
 from agegender import contract
 from agegender import data_service
 from agegender import pipeline
@@ -19,6 +21,8 @@ SIZE = 32
 # Many small shards, so the dispatcher hands each worker several in an epoch.
 SHARDS = 8
 COUNT = 320
+# Bounds a test's wait on a server or a pass; a hang guard, never a timing.
+HANG_GUARD_S = 120
 
 
 @pytest.fixture(scope='module')
@@ -29,40 +33,89 @@ def shard_records(tmp_path_factory):
   return str(root)
 
 
-def _service(worker_count, worker_timeout_ms=data_service.WORKER_TIMEOUT_MS):
-  dispatcher = data_service.start_dispatcher(worker_timeout_ms=worker_timeout_ms)
-  address = dispatcher.target.split('://', 1)[1]
-  workers = [data_service.start_worker(address) for _ in range(worker_count)]
-  return dispatcher, workers
+def _batches(records_dir, **options):
+  """The training split's batches, made here; what the service's workers run."""
+  return pipeline.make_dataset(records_dir, 'train', image_size=SIZE, **options)
+
+
+class _Servers:
+  """Dispatcher and worker processes (`python -m agegender.data_service`),
+  each killed or terminated on exit."""
+
+  def __init__(self):
+    self.processes = {}
+
+  def start(self, name, *args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+    process = subprocess.Popen([sys.executable, '-m', 'agegender.data_service', *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=env)
+    self.processes[name] = process
+    line = process.stdout.readline()
+    assert 'serving at' in line, line
+    return line.split('serving at ', 1)[1].split()[0]
+
+  def dispatcher(self, port, *args):
+    return self.start('dispatcher', 'dispatcher', f'--port={port}', *args)
+
+  def workers(self, count, dispatcher_port):
+    for index in range(count):
+      self.start(f'worker{index}', 'worker', f'--dispatcher=localhost:{dispatcher_port}')
+
+  def kill(self, name):
+    process = self.processes.pop(name)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=HANG_GUARD_S)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    for process in self.processes.values():
+      process.terminate()
+    for process in self.processes.values():
+      process.communicate(timeout=HANG_GUARD_S)
 
 
 @pytest.fixture(scope='module')
 def service():
-  """grpc://... of an in-process dispatcher with two workers."""
-  dispatcher, workers = _service(2)
-  yield dispatcher.target
-  for server in workers + [dispatcher]:
-    server._stop()  # pylint: disable=protected-access
+  """grpc://... of a dispatcher with two workers."""
+  with _Servers() as servers:
+    port = data_service.free_port()
+    target = servers.dispatcher(port)
+    servers.workers(2, port)
+    yield target
 
 
 def _by_file(dataset):
-  """{file name: (image, gender, age)} of every record a pass yields, and the names in order."""
+  """{file name: (image, gender, age, metadata age, metadata gender)} of every
+  record a pass yields, and the names in order."""
   found, names = {}, []
   for images, targets, metadata in dataset:
     for index, name in enumerate(metadata[contract.FILE_NAME].numpy()):
       names.append(name)
-      found[name] = (images[index].numpy(), float(targets[pipeline.GENDER_OUTPUT][index, 0]),
-                     float(targets[pipeline.AGE_OUTPUT][index, 0]), int(metadata['age'][index]),
+      found[name] = (images[index].numpy(), float(targets[contract.GENDER_OUTPUT][index, 0]),
+                     float(targets[contract.AGE_OUTPUT][index, 0]), int(metadata['age'][index]),
                      int(metadata['gender'][index]))
   return found, names
 
 
+def _in_thread(function):
+  """Runs `function` in a thread and fails the test if it has not returned
+  within the hang guard."""
+  thread = threading.Thread(target=function, daemon=True)
+  thread.start()
+  thread.join(timeout=HANG_GUARD_S)
+  assert not thread.is_alive(), 'the reader hangs'
+
+
+# ---- distribute ----
+
 def test_every_training_record_reaches_the_trainer_once_per_epoch_with_its_labels(
     shard_records, service):
-  local, _ = _by_file(pipeline.make_dataset(shard_records, 'train', batch_size=16,
-                                            image_size=SIZE, include_metadata=True))
-  served = pipeline.make_dataset(shard_records, 'train', batch_size=16, training=True,
-                                 image_size=SIZE, include_metadata=True, data_service=service)
+  local, _ = _by_file(_batches(shard_records, batch_size=16, include_metadata=True))
+  served = data_service.distribute(
+      _batches(shard_records, batch_size=16, training=True, include_metadata=True), service)
   for _ in range(2):
     found, names = _by_file(served)
     assert sorted(names) == sorted(local)  # Each record exactly once.
@@ -78,6 +131,126 @@ def test_cache_with_a_data_service_is_refused(shard_records, service):
     pipeline.make_dataset(shard_records, 'train', training=True, cache=True,
                           data_service=service)
 
+
+def test_uint8_batches_travel_uncompressed_and_arrive_unchanged(shard_records, service):
+  local = _batches(shard_records, batch_size=16, include_metadata=True).map(
+      lambda images, targets, metadata: (tf.cast(tf.round(images * 255), tf.uint8), metadata))
+  assert data_service.compression_for(local.element_spec) is None
+  expected = {name: image for images, metadata in local
+              for image, name in zip(images.numpy(), metadata[contract.FILE_NAME].numpy())}
+  served = data_service.distribute(local, service)
+  assert served.element_spec[0].dtype == tf.uint8
+  arrived = {name: image for images, metadata in served
+             for image, name in zip(images.numpy(), metadata[contract.FILE_NAME].numpy())}
+  assert arrived.keys() == expected.keys()
+  for name, image in arrived.items():
+    np.testing.assert_array_equal(image, expected[name])
+
+
+def test_float_images_are_compressed_and_uint8_images_are_not():
+  def spec(image_dtype):
+    return (tf.TensorSpec([None, 64, 64, 3], image_dtype),
+            {contract.GENDER_OUTPUT: tf.TensorSpec([None, 1], tf.float32),
+             contract.AGE_OUTPUT: tf.TensorSpec([None, 1], tf.float32)})
+
+  assert data_service.compression_for(spec(tf.float32)) == 'AUTO'
+  assert data_service.compression_for(spec(tf.uint8)) is None
+
+
+def test_a_worker_in_the_trainers_process_serves_it_with_local_target_workers(tmp_path):
+  with _Servers() as servers:
+    port = data_service.free_port()
+    target = servers.dispatcher(port)
+    worker = data_service.start_worker(f'localhost:{port}', data_service.free_port())
+    try:
+      served = data_service.distribute(tf.data.Dataset.range(50).batch(5), target,
+                                       target_workers='LOCAL')
+      assert sorted(np.concatenate(list(served.as_numpy_iterator()))) == list(range(50))
+    finally:
+      worker.stop()
+
+
+def test_bad_arguments_are_value_errors_naming_no_flag():
+  dataset = tf.data.Dataset.range(3)
+  for address in ('nocolon', 'host:', 'host:99999', ':5050', 'no-such-host.invalid:5050'):
+    with pytest.raises(ValueError, match='bad address') as raised:
+      data_service.parse_address(address)
+    assert '--' not in str(raised.value)
+  assert data_service.parse_address('grpc://127.0.0.1:5050') == ('127.0.0.1', 5050)
+  with pytest.raises(ValueError, match='timeout'):
+    data_service.distribute(dataset, 'grpc://localhost:5050', timeout=0)
+  with pytest.raises(ValueError, match='target_workers'):
+    data_service.distribute(dataset, 'grpc://localhost:5050', target_workers='NEAR')
+
+
+# ---- Failure: a lost worker, a restarted dispatcher ----
+
+def _split_elements():
+  """Batches of 400 elements from forty splits of ten (a megabyte each): the
+  workers take splits one at a time all through a pass."""
+  elements = tf.data.Dataset.range(40).flat_map(
+      lambda split: tf.data.Dataset.range(split * 10, split * 10 + 10))
+  return elements.map(lambda x: (x, tf.zeros([256, 1024]))).batch(5)
+
+
+def test_a_worker_lost_mid_pass_ends_the_pass_after_the_timeout_and_the_next_pass_is_whole(
+    caplog):
+  """Whatever the lost worker held is missed (all may have arrived already,
+  depending on timing), never repeated; the hang guard only catches a hang."""
+  passes = []
+  with _Servers() as servers:
+    port = data_service.free_port()
+    target = servers.dispatcher(port, '--worker_timeout_ms=1000')
+    servers.workers(2, port)
+    served = data_service.distribute(_split_elements(), target, timeout=3)
+
+    def two_passes():
+      for _ in range(2):
+        seen = []
+        for batch, (values, _) in enumerate(served):
+          seen.extend(values.numpy().tolist())
+          if batch == 2 and 'worker1' in servers.processes:
+            servers.kill('worker1')
+        passes.append(seen)
+
+    _in_thread(two_passes)
+  assert len(passes) == 2
+  assert 'no batch from the tf.data service for 3 s' in caplog.text
+  first, second = passes
+  assert len(first) == len(set(first)) and set(first) <= set(range(400))
+  assert sorted(second) == list(range(400))
+
+
+def test_a_dispatcher_killed_and_restarted_mid_pass_resumes_and_each_element_arrives_once(
+    tmp_path):
+  """SIGKILL, then a new dispatcher on the same port and work_dir: the pass
+  under way finishes with every element exactly once, as does the next."""
+  dataset = _split_elements()
+  passes = []
+  with _Servers() as servers:
+    port = data_service.free_port()
+    journal = str(tmp_path / 'journal')
+    target = servers.dispatcher(port, f'--work_dir={journal}')
+    servers.workers(2, port)
+    served = data_service.distribute(dataset, target, timeout=60)
+
+    def two_passes():
+      for _ in range(2):
+        seen = []
+        for batch, (values, _) in enumerate(served):
+          seen.extend(values.numpy().tolist())
+          if batch == 2 and not passes:
+            servers.kill('dispatcher')
+            assert servers.dispatcher(port, f'--work_dir={journal}') == target
+        passes.append(seen)
+
+    _in_thread(two_passes)
+  assert len(passes) == 2
+  for seen in passes:
+    assert sorted(seen) == list(range(400))
+
+
+# ---- Training through the service ----
 
 def test_the_tiny_model_learns_through_the_service_as_locally(
     synthetic_records, tiny_config, trained_run, service, tmp_path):
@@ -95,18 +268,12 @@ def test_the_tiny_model_learns_through_the_service_as_locally(
   assert metrics['age_mae'] <= local['age_mae'] + 0.25 * baselines['mean_age_mae']
 
 
-# ---- The servers' command line. ----
-
-def test_bad_addresses_are_usage_errors():
-  for address in ('nocolon', 'host:', 'host:99999', ':5050', 'no-such-host.invalid:5050'):
-    with pytest.raises(cli.UsageError, match='bad address'):
-      data_service.parse_address(address)
-  assert data_service.parse_address('grpc://127.0.0.1:5050') == ('127.0.0.1', 5050)
-
+# ---- The servers' command line ----
 
 def test_dispatcher_and_worker_commands_serve_until_signalled(tmp_path):
-  """One process per server: each says where it serves, a port in use is one
-  line and exit 2, and SIGTERM or SIGINT stops each with exit 0."""
+  """One process per server: each says where it serves, a port in use or a
+  bad dispatcher is one line and exit 2, and SIGTERM or SIGINT stops each
+  with exit 0."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
   command = [sys.executable, '-m', 'agegender.data_service']
   dispatcher = subprocess.Popen(command + ['dispatcher', f'--work_dir={tmp_path}/journal'],
@@ -117,20 +284,25 @@ def test_dispatcher_and_worker_commands_serve_until_signalled(tmp_path):
     first = dispatcher.stdout.readline()
     assert first.startswith('dispatcher serving at grpc://'), first
     port = first.rsplit(':', 1)[1].strip()
-    worker = subprocess.Popen(command + ['worker', f'--dispatcher=localhost:{port}'],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env)
+    worker_port = data_service.free_port()
+    worker = subprocess.Popen(
+        command + ['worker', f'--dispatcher=localhost:{port}', f'--port={worker_port}'],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     processes.append(worker)
-    assert worker.stdout.readline().startswith('worker serving at')
-    in_use = subprocess.run(command + ['dispatcher', f'--port={port}'], capture_output=True,
-                            text=True, env=env, timeout=120)
-    assert in_use.returncode == 2
-    assert in_use.stderr.strip().splitlines() == [
-        f'agegender.data_service: error: cannot listen on port {port}: Address already in use']
+    assert worker.stdout.readline().strip() == (
+        f'worker serving at localhost:{worker_port} for dispatcher localhost:{port}')
+    for args, error in (
+        (['dispatcher', f'--port={port}'], f'cannot listen on port {port}: Address already in use'),
+        (['worker', '--dispatcher=localhost:'],
+         "--dispatcher: bad address 'localhost:': expected HOST:PORT")):
+      failed = subprocess.run(command + args, capture_output=True, text=True, env=env,
+                              timeout=HANG_GUARD_S)
+      assert failed.returncode == 2
+      assert failed.stderr.strip().splitlines() == [f'agegender.data_service: error: {error}']
     worker.send_signal(signal.SIGTERM)
     dispatcher.send_signal(signal.SIGINT)
     for process, name in ((worker, 'worker'), (dispatcher, 'dispatcher')):
-      out, _ = process.communicate(timeout=60)
+      out, _ = process.communicate(timeout=HANG_GUARD_S)
       assert process.returncode == 0
       assert out.strip().splitlines()[-1] == f'{name} stopped'
   finally:
@@ -138,38 +310,3 @@ def test_dispatcher_and_worker_commands_serve_until_signalled(tmp_path):
       if process.poll() is None:
         process.kill()
         process.communicate()
-
-
-def test_a_worker_stopped_mid_epoch_does_not_hang_the_trainer(shard_records):
-  """The pass ends after data_service_timeout without a batch; the guard only catches a hang."""
-  import threading  # pylint: disable=g-import-not-at-top
-  dispatcher, workers = _service(2, worker_timeout_ms=1000)
-  served = pipeline.make_dataset(shard_records, 'train', batch_size=8, training=True,
-                                 image_size=SIZE, include_metadata=True,
-                                 data_service=dispatcher.target, data_service_timeout=3)
-  passes = []
-
-  def two_passes():
-    for _ in range(2):
-      names = []
-      for batch, (_, _, metadata) in enumerate(served):
-        names.extend(metadata[contract.FILE_NAME].numpy())
-        if batch == 1 and workers[1] is not None:
-          workers[1]._stop()  # pylint: disable=protected-access
-          workers[1] = None
-      passes.append(names)
-
-  try:
-    trainer = threading.Thread(target=two_passes, daemon=True)
-    trainer.start()
-    trainer.join(timeout=120)  # A hang guard, not a timing.
-    assert not trainer.is_alive(), 'the trainer hangs on the stopped worker'
-  finally:
-    for server in [worker for worker in workers if worker] + [dispatcher]:
-      server._stop()  # pylint: disable=protected-access
-  train_records = contract.read_manifest(shard_records)['splits']['train']['num_examples']
-  assert len(passes) == 2
-  # What arrived comes from the split. A lost worker's shard may be handed to
-  # the other worker again, so within that pass a record can arrive twice.
-  for names in passes:
-    assert 0 < len(set(names)) <= train_records
