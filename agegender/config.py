@@ -202,6 +202,12 @@ def check(config: Config) -> None:
                                  f'model, not {config.model.model}')
   if config.optim.reduce_lr_patience and config.optim.schedule != 'constant':
     raise contract.ArgumentError('reduce_lr_patience', 'reduce_lr_patience needs the constant learning-rate schedule')
+  if config.data.data_service:
+    from agegender import data_service  # pylint: disable=g-import-not-at-top
+    try:
+      data_service.parse_address(config.data.data_service)
+    except ValueError as e:
+      raise contract.ArgumentError('data_service', f'data_service: {e}') from None
   if config.data.data_service and config.data.cache:
     raise contract.ArgumentError('cache', 'cache does not go with a tf.data service (each service worker '
                                'would cache only the shards it happened to read)')

@@ -41,9 +41,6 @@ PROTOCOL = 'grpc'
 # Without a heartbeat for this long, the dispatcher counts a worker as gone and
 # its consumers stop waiting for it.
 WORKER_TIMEOUT_MS = 10_000
-# Seconds without a batch from the service after which a pass ends: TensorFlow
-# 2.21's client waits forever for the shards of a lost worker.
-DEFAULT_TIMEOUT = 60.0
 # Which workers a trainer reads from: TensorFlow's values for target_workers.
 TARGET_WORKERS = ('AUTO', 'ANY', 'LOCAL')
 
@@ -159,7 +156,7 @@ def compression_for(element_spec) -> str | None:
 
 
 def distribute(dataset: tf.data.Dataset, address: str, *,
-               timeout: float | None = DEFAULT_TIMEOUT,
+               timeout: float | None,
                job_name: str | None = None,
                compression: str | None = 'by_dtype',
                target_workers: str = 'AUTO') -> tf.data.Dataset:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from agegender import config as config_lib
 from agegender import contract
 from agegender import data_service
 from agegender import pipeline
@@ -33,9 +34,11 @@ def shard_records(tmp_path_factory):
   return str(root)
 
 
-def _batches(records_dir, **options):
+def _batches(records_dir, *, training=False, include_metadata=False, **data):
   """The training split's batches, made here; what the service's workers run."""
-  return pipeline.make_dataset(records_dir, 'train', image_size=SIZE, **options)
+  data = config_lib.DataConfig(records_dir=records_dir, image_size=SIZE, **data)
+  return pipeline.make_dataset(data, 'train', training=training,
+                               include_metadata=include_metadata)
 
 
 class _Servers:
@@ -115,7 +118,8 @@ def test_every_training_record_reaches_the_trainer_once_per_epoch_with_its_label
     shard_records, service):
   local, _ = _by_file(_batches(shard_records, batch_size=16, include_metadata=True))
   served = data_service.distribute(
-      _batches(shard_records, batch_size=16, training=True, include_metadata=True), service)
+      _batches(shard_records, batch_size=16, training=True, include_metadata=True), service,
+      timeout=HANG_GUARD_S)
   for _ in range(2):
     found, names = _by_file(served)
     assert sorted(names) == sorted(local)  # Each record exactly once.
@@ -127,18 +131,24 @@ def test_every_training_record_reaches_the_trainer_once_per_epoch_with_its_label
 
 
 def test_cache_with_a_data_service_is_refused(shard_records, service):
-  with pytest.raises(ValueError, match='cache'):
-    pipeline.make_dataset(shard_records, 'train', training=True, cache=True,
-                          data_service=service)
+  config = config_lib.make_config(records_dir=shard_records, cache=True, data_service=service)
+  with pytest.raises(contract.ArgumentError, match='cache'):
+    config_lib.check(config)
+
+
+def test_a_bad_service_address_is_refused_naming_the_field():
+  config = config_lib.make_config(data_service='grpc://nowhere')
+  with pytest.raises(contract.ArgumentError, match='^data_service'):
+    config_lib.check(config)
 
 
 def test_uint8_batches_travel_uncompressed_and_arrive_unchanged(shard_records, service):
   local = _batches(shard_records, batch_size=16, include_metadata=True).map(
-      lambda images, targets, metadata: (tf.cast(tf.round(images * 255), tf.uint8), metadata))
+      lambda images, targets, metadata: (images, metadata))
   assert data_service.compression_for(local.element_spec) is None
   expected = {name: image for images, metadata in local
               for image, name in zip(images.numpy(), metadata[contract.FILE_NAME].numpy())}
-  served = data_service.distribute(local, service)
+  served = data_service.distribute(local, service, timeout=HANG_GUARD_S)
   assert served.element_spec[0].dtype == tf.uint8
   arrived = {name: image for images, metadata in served
              for image, name in zip(images.numpy(), metadata[contract.FILE_NAME].numpy())}
@@ -164,7 +174,7 @@ def test_a_worker_in_the_trainers_process_serves_it_with_local_target_workers(tm
     worker = data_service.start_worker(f'localhost:{port}', data_service.free_port())
     try:
       served = data_service.distribute(tf.data.Dataset.range(50).batch(5), target,
-                                       target_workers='LOCAL')
+                                       timeout=HANG_GUARD_S, target_workers='LOCAL')
       assert sorted(np.concatenate(list(served.as_numpy_iterator()))) == list(range(50))
     finally:
       worker.stop()
@@ -180,7 +190,8 @@ def test_bad_arguments_are_value_errors_naming_no_flag():
   with pytest.raises(ValueError, match='timeout'):
     data_service.distribute(dataset, 'grpc://localhost:5050', timeout=0)
   with pytest.raises(ValueError, match='target_workers'):
-    data_service.distribute(dataset, 'grpc://localhost:5050', target_workers='NEAR')
+    data_service.distribute(dataset, 'grpc://localhost:5050', timeout=None,
+                            target_workers='NEAR')
 
 
 # ---- Failure: a lost worker, a restarted dispatcher ----
