@@ -14,6 +14,15 @@ def write_folder(root, files):
   return str(root)
 
 
+def read_folder(directory):
+  """{name: bytes} of the files directly in `directory`, by name."""
+  result = {}
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), 'rb') as f:
+      result[name] = f.read()
+  return result
+
+
 def bad_files(faces):
   """One file of each kind make_records rejects, made from a face of `faces` where needed."""
   data = faces[sorted(faces)[0]]

@@ -57,14 +57,6 @@ def _run_make_records(*args):
   return exited.value.code, out.getvalue(), err.getvalue()
 
 
-def _files(directory):
-  result = {}
-  for name in sorted(os.listdir(directory)):
-    with open(os.path.join(directory, name), 'rb') as f:
-      result[name] = f.read()
-  return result
-
-
 def _without_timings(manifest):
   manifest = json.loads(manifest)
   for key in TIMINGS:
@@ -101,7 +93,7 @@ def outputs(tmp_path_factory):
 
 @pytest.mark.parametrize('source', ['synthetic', 'folder'])
 def test_shards_and_tfds_metadata_are_byte_identical(outputs, source):
-  local, beam = (_files(outputs[source][runner][0]) for runner in ('local', 'beam'))
+  local, beam = (folders.read_folder(outputs[source][runner][0]) for runner in ('local', 'beam'))
   assert local.keys() == beam.keys()
   assert not [name for name in beam if name.startswith(shards.TEMP_PREFIX)]
   shard_names = [name for name in local if '.tfrecord-' in name]
@@ -186,12 +178,12 @@ def test_a_beam_run_that_finds_nothing_keeps_the_existing_records(outputs, tmp_p
   del outputs  # Only for its skip where Beam is missing.
   out = str(tmp_path / 'records')
   records.convert('synthetic', out, synthetic_count=12, progress=False)
-  before = _files(contract.dataset_dir(out))
+  before = folders.read_folder(contract.dataset_dir(out))
   bad = folders.write_folder(tmp_path / 'bad', {'notes.txt': b'no faces here',
                                          '30_0_0_20170101000000002.jpg': b''})
   status, _, stderr = _run_make_records(
       f'--source={bad}', f'--records_dir={out}', '--overwrite', '--runner=beam',
       f'--beam_pipeline_options={BEAM_OPTIONS}')
   assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
-  assert _files(contract.dataset_dir(out)) == before
+  assert folders.read_folder(contract.dataset_dir(out)) == before
   assert os.listdir(os.path.dirname(contract.dataset_dir(out))) == [contract.VERSION]

@@ -39,14 +39,6 @@ def huge_jpeg():
   return buffer.getvalue()
 
 
-def _files(directory):
-  result = {}
-  for name in sorted(os.listdir(directory)):
-    with open(os.path.join(directory, name), 'rb') as f:
-      result[name] = f.read()
-  return result
-
-
 def _all_names(root):
   return [name for _, folders_, files in os.walk(root) for name in folders_ + files]
 
@@ -130,7 +122,7 @@ def test_a_full_disk_removes_the_partial_shard_and_keeps_complete_records(tmp_pa
   out = str(tmp_path / 'records')
   records.convert(folders.write_folder(tmp_path / 'small', faces), out, workers=1,
                   progress=False)
-  before = _files(contract.dataset_dir(out))
+  before = folders.read_folder(contract.dataset_dir(out))
   bigger = str(tmp_path / 'bigger')
   synthetic.write_synthetic_folder(bigger, 40, seed=3)
   limit = 64 * 2**10  # No file may grow past this: the train shard cannot be written.
@@ -145,7 +137,7 @@ def test_a_full_disk_removes_the_partial_shard_and_keeps_complete_records(tmp_pa
   lines = done.stderr.strip().splitlines()
   assert done.returncode == 2 and len(lines) == 1, done.stderr
   assert 'could not write the records' in lines[0] and '--records_dir' in lines[0]
-  assert _files(contract.dataset_dir(out)) == before
+  assert folders.read_folder(contract.dataset_dir(out)) == before
   leftovers = [n for n in _all_names(out) if n.startswith(shards.TEMP_PREFIX)]
   assert leftovers == [] and output.LOCK_NAME not in _all_names(out)
 
@@ -176,13 +168,13 @@ def test_a_killed_run_leaves_complete_records_and_a_stale_lock_the_rerun_takes(t
                                                                                faces):
   out, clean = str(tmp_path / 'records'), str(tmp_path / 'clean')
   records.convert('synthetic', out, synthetic_count=8, workers=1, progress=False)
-  before = _files(contract.dataset_dir(out))
+  before = folders.read_folder(contract.dataset_dir(out))
   folder = folders.write_folder(tmp_path / 'src', faces)
 
   killed = subprocess.run([sys.executable, '-c', _KILLED_RUN, folder, out],
                           capture_output=True, text=True, timeout=180)
   assert killed.returncode == -9, killed.stderr
-  assert _files(contract.dataset_dir(out)) == before  # Still complete and readable.
+  assert folders.read_folder(contract.dataset_dir(out)) == before  # Still complete and readable.
   contract.read_manifest(out)
   assert output.LOCK_NAME in os.listdir(out)  # Left behind by the killed run...
   staging = output.staging_dir(contract.dataset_dir(out))
@@ -191,7 +183,8 @@ def test_a_killed_run_leaves_complete_records_and_a_stale_lock_the_rerun_takes(t
   # ...and recognised as stale: the rerun takes the lock and finishes.
   records.convert(folder, out, num_shards=3, overwrite=True, workers=1, progress=False)
   records.convert(folder, clean, num_shards=3, workers=1, progress=False)
-  rerun, expected = _files(contract.dataset_dir(out)), _files(contract.dataset_dir(clean))
+  rerun = folders.read_folder(contract.dataset_dir(out))
+  expected = folders.read_folder(contract.dataset_dir(clean))
   assert rerun.keys() == expected.keys()
   for name in expected:
     if name != contract.MANIFEST_NAME:

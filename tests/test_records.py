@@ -48,16 +48,8 @@ def _assert_labels_match_names(rows):
     assert (row['age'], row['gender'], row['race']) == (parsed.age, parsed.gender, parsed.race)
 
 
-def _files(directory):
-  result = {}
-  for name in sorted(os.listdir(directory)):
-    with open(os.path.join(directory, name), 'rb') as f:
-      result[name] = f.read()
-  return result
-
-
 def _manifest_without_timings(directory):
-  manifest = json.loads(_files(directory)[contract.MANIFEST_NAME])
+  manifest = json.loads(folders.read_folder(directory)[contract.MANIFEST_NAME])
   for key in ('elapsed_s', 'images_per_s', 'records_dir'):
     manifest['summary'].pop(key)
   return manifest
@@ -167,7 +159,7 @@ def test_archives_give_the_folders_records(tmp_path, faces):
   for source in (folder, tmp_path / 'faces.tar.gz', tmp_path / 'faces.zip'):
     out = tmp_path / f'out-{len(outputs)}'
     records.convert(str(source), str(out), num_shards=2, progress=False)
-    outputs.append(_files(contract.dataset_dir(str(out))))
+    outputs.append(folders.read_folder(contract.dataset_dir(str(out))))
   shards = [{k: v for k, v in files.items() if '.tfrecord-' in k} for files in outputs]
   assert len(shards[0]) == 6
   assert shards[0] == shards[1] == shards[2]
@@ -180,7 +172,7 @@ def test_reruns_are_byte_identical_and_shards_ordered_by_hash(tmp_path, faces):
     out = str(tmp_path / f'out-{workers}')
     records.convert(folder, out, shard_size_mb=0.02, workers=workers, progress=False)
     outputs.append(contract.dataset_dir(out))
-  first, second = (_files(d) for d in outputs)
+  first, second = (folders.read_folder(d) for d in outputs)
   first.pop(contract.MANIFEST_NAME), second.pop(contract.MANIFEST_NAME)
   assert first == second
   assert _manifest_without_timings(outputs[0]) == _manifest_without_timings(outputs[1])
