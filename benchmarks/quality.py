@@ -34,6 +34,8 @@ flags.DEFINE_string('model', None, 'Another model than the recipe\'s.')
 flags.DEFINE_string('model_dir', None, 'Where the run writes (default: runs/quality/<name>).')
 flags.DEFINE_string('results', 'benchmarks/results/quality.jsonl', 'The rows, one JSON a line.')
 flags.DEFINE_integer('verbose', 2, 'Progress: 0 silent, 1 progress bar, 2 a line per epoch.')
+flags.DEFINE_multi_string('set', [], 'Another configuration value over the recipe\'s, '
+                          'field=value (repeatable), e.g. --set=age_loss=mae.')
 FLAGS = flags.FLAGS
 
 COLUMNS = (('recipe', '{}'), ('model', '{}'), ('image_size', '{}'), ('epochs', '{}'),
@@ -43,16 +45,38 @@ COLUMNS = (('recipe', '{}'), ('model', '{}'), ('image_size', '{}'), ('epochs', '
            ('mean_age_mae', '{:.2f}'))
 
 
+def parse_values(settings: list[str]) -> dict:
+  """{'age_loss': 'mae', 'dropout': 0.25} from ['age_loss=mae', 'dropout=0.25'], each value
+  of its field's type."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  fields = config_lib.fields()
+  values = {}
+  for setting in settings:
+    name, _, text = setting.partition('=')
+    if name not in fields:
+      raise app.UsageError(f'--set: unknown configuration field {name!r}')
+    field = fields[name][1]
+    default = field.default if field.default is not dataclasses.MISSING else ()
+    if isinstance(default, bool):
+      values[name] = text.lower() in ('1', 'true', 'yes', 'on')
+    elif isinstance(default, tuple):
+      values[name] = tuple(int(part) for part in text.split(',') if part)
+    else:
+      values[name] = type(default)(text)
+  return values
+
+
 def run(recipe: str, epochs: int, image_size: int, records_dir: str, model: str | None,
-        model_dir: str | None, verbose: int) -> dict:
+        model_dir: str | None, verbose: int, settings: dict | None = None) -> dict:
   """Trains one recipe and returns its row."""
   from agegender import train  # pylint: disable=g-import-not-at-top
   values = {'epochs': epochs, 'image_size': image_size, 'records_dir': records_dir,
-            'verbose': verbose}
+            'verbose': verbose, **(settings or {})}
   if model:
     values['model'] = model
   config = config_lib.make_config(recipe, **values)
-  name = f'{recipe}-{config.model.model}-{image_size}px-{epochs}ep'
+  label = recipe + ''.join(f'+{key}={value}' for key, value in (settings or {}).items())
+  name = f'{label}-{config.model.model}-{image_size}px-{epochs}ep'
   config = config_lib.replace(config, model_dir=model_dir or os.path.join('runs', 'quality', name))
   start = time.perf_counter()
   result = train.train_and_evaluate(config)
@@ -60,7 +84,7 @@ def run(recipe: str, epochs: int, image_size: int, records_dir: str, model: str 
   best = min(result['history'], key=lambda row: row['val_age_output_mae'])
   metrics = result['metrics']
   return {
-      'recipe': recipe, 'model': config.model.model, 'image_size': image_size,
+      'recipe': label, 'model': config.model.model, 'image_size': image_size,
       'epochs': epochs, 'wall_minutes': wall / 60, 'machine': machine.describe_cpu(),
       'best_epoch': int(best['epoch']) + 1,
       'val_gender_accuracy': best['val_gender_output_accuracy'],
@@ -83,7 +107,7 @@ def table(rows: list[dict]) -> str:
 def main(argv):
   del argv
   row = run(FLAGS.recipe, FLAGS.epochs, FLAGS.image_size, FLAGS.records_dir, FLAGS.model,
-            FLAGS.model_dir, FLAGS.verbose)
+            FLAGS.model_dir, FLAGS.verbose, parse_values(FLAGS.set))
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.results)), exist_ok=True)
   with open(FLAGS.results, 'a') as f:
     f.write(json.dumps(row) + '\n')
