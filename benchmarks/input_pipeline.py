@@ -1,28 +1,41 @@
-"""The streaming pipeline against the notebook's in-RAM loader and the decode limit.
+"""The streaming pipeline against the notebook's in-RAM loader and the decode floor.
 
   python benchmarks/input_pipeline.py [--count N] [--sizes 2000,20000]
       [--source PATH] [--json PATH]
 
-On the same images (the synthetic set, or the UTKFace JPEGs of a folder given
-with --source), each measured in its own process so peak memory does not mix:
+On the same images (the synthetic set, or the UTKFace JPEGs of a folder or
+archive given with --source, e.g. UTKFace.tar), each measured in its own
+process so peak memory does not mix:
 
 1. in-RAM loader: the original notebook's PIL open, resize to 128x128, collect
    into a NumPy array, divide by 255;
-2. decode limit: the same JPEG bytes already in memory, decoded and resized
-   by tf.data (preprocess_encoded_image, AUTOTUNE), batched, nothing else;
-3. make_dataset over records in each image storage (source JPEG, JPEG at 128,
-   raw at 128), training mode (shard shuffle, interleave, record shuffle).
+2. decode floor: the JPEG bytes already in memory, decoded by PIL
+   (libjpeg-turbo) on a process pool over every core, nothing else (no
+   resize, no batching): the least work any pipeline over these JPEGs must
+   do, so the one rate a pipeline cannot beat by more than its other work;
+3. decode limit: the same bytes decoded and resized by tf.data
+   (preprocess.preprocess_encoded_image, AUTOTUNE), batched, nothing else;
+4. make_dataset over records in each image storage (source JPEG, JPEG at 128,
+   raw at 128), training mode (shard shuffle, interleave, record shuffle,
+   decode, resize, augment), yielding uint8 images as training receives them.
+
+The pipeline over source-JPEG records is reported as a ratio of the decode
+floor (target: at least 0.9); every pipeline row also gives the bytes of one
+batch it yields (uint8 images) beside the same batch with float32 images,
+what crosses to the GPU or over the tf.data service.
 
 Rates are the best of --epochs passes in each of --rounds rounds (the methods
 take turns, so that load from elsewhere on a shared machine does not favor
 one). Peak memory is VmHWM (peak resident set) of the measuring process.
 Then peak memory of the pipeline and of the in-RAM loader over --sizes
-images of the same data.
+images of the same data (--sizes= skips it).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
+import io
 import json
 import multiprocessing
 import os
@@ -30,6 +43,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -42,7 +56,8 @@ import machine  # benchmarks/machine.py, beside this script
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('count', 4000, 'Images for the speed comparison.')
 flags.DEFINE_list('sizes', ['2000', '20000'], 'Data set sizes for the memory comparison.')
-flags.DEFINE_string('source', None, 'A folder of UTKFace JPEGs; default: the synthetic set.')
+flags.DEFINE_string('source', None, 'A folder or a .tar/.tar.gz/.tgz archive of UTKFace JPEGs '
+                    '(extracted into --work_dir); default: the synthetic set.')
 flags.DEFINE_string('json', None, 'Write the figures to this JSON file.')
 flags.DEFINE_integer('batch_size', 128, 'Batch size of the tf.data measurements.')
 flags.DEFINE_integer('image_size', 128, 'Side of the model input.')
@@ -55,7 +70,7 @@ flags.DEFINE_list('memory_shuffle_buffers', ['2000', '10000'],
                   'Record shuffle buffers of the pipeline in the memory comparison.')
 flags.DEFINE_string('work_dir', None, 'Where images and records go; default: a temporary folder.')
 # One measurement in this process (the script runs itself once per measurement).
-flags.DEFINE_enum('measure', None, ['inram', 'decode', 'pipeline'], 'Internal.')
+flags.DEFINE_enum('measure', None, ['inram', 'floor', 'decode', 'pipeline'], 'Internal.')
 flags.DEFINE_string('images_dir', None, 'Internal: images of one measurement.')
 flags.DEFINE_string('records_dir', None, 'Internal: records of one measurement.')
 flags.DEFINE_integer('shuffle_buffer', 2000, 'Internal: record shuffle buffer.')
@@ -115,17 +130,57 @@ def _time_epochs(dataset, epochs: int) -> tuple[int, list[float]]:
   return count, rates
 
 
-def measure_decode(images_dir: str, image_size: int, batch_size: int, epochs: int) -> dict:
-  """The decode limit: bytes already in memory, decode + resize, nothing else."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from agegender import pipeline  # pylint: disable=g-import-not-at-top
-  start_rss = _rss_mb()
+def _read_all(images_dir: str) -> list[bytes]:
   encoded = []
   for path in _image_paths(images_dir):
     with open(path, 'rb') as f:
       encoded.append(f.read())
+  return encoded
+
+
+# The floor's bytes: set in the measuring process before its pool forks, so every worker
+# holds them already and a task is two numbers, not images sent through a pipe.
+_FLOOR_BYTES: list[bytes] = []
+_FLOOR_CHUNK = 64
+
+
+def _decode_range(bounds: tuple[int, int]) -> int:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  start, stop = bounds
+  for data in _FLOOR_BYTES[start:stop]:
+    Image.open(io.BytesIO(data)).load()  # Decode only: no conversion, no resize.
+  return stop - start
+
+
+def measure_floor(images_dir: str, epochs: int) -> dict:
+  """The decode floor: JPEG bytes in memory, PIL's libjpeg-turbo decode on every core."""
+  global _FLOOR_BYTES
+  start_rss = _rss_mb()
+  _FLOOR_BYTES = _read_all(images_dir)
+  chunks = [(start, min(start + _FLOOR_CHUNK, len(_FLOOR_BYTES)))
+            for start in range(0, len(_FLOOR_BYTES), _FLOOR_CHUNK)]
+  workers = os.cpu_count() or 1
+  # fork: the workers inherit the bytes (this process has not loaded TensorFlow).
+  context = multiprocessing.get_context('fork')
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    list(pool.map(_decode_range, chunks[:workers]))  # Start every worker before timing.
+    rates = []
+    for _ in range(epochs):
+      start = time.perf_counter()
+      count = sum(pool.map(_decode_range, chunks))
+      rates.append(count / (time.perf_counter() - start))
+  return {'images': count, 'epoch_rates': rates, 'start_rss_mb': start_rss,
+          'workers': workers}
+
+
+def measure_decode(images_dir: str, image_size: int, batch_size: int, epochs: int) -> dict:
+  """The decode limit: bytes already in memory, decode + resize in tf.data, nothing else."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from agegender import preprocess  # pylint: disable=g-import-not-at-top
+  start_rss = _rss_mb()
+  encoded = _read_all(images_dir)
   dataset = (tf.data.Dataset.from_tensor_slices(encoded)
-             .map(lambda e: (pipeline.preprocess_encoded_image(e, image_size),),
+             .map(lambda e: (preprocess.preprocess_encoded_image(e, image_size),),
                   num_parallel_calls=tf.data.AUTOTUNE)
              .batch(batch_size).prefetch(tf.data.AUTOTUNE))
   count, rates = _time_epochs(dataset, epochs)
@@ -135,18 +190,26 @@ def measure_decode(images_dir: str, image_size: int, batch_size: int, epochs: in
 def measure_pipeline(records_dir: str, image_size: int, batch_size: int, epochs: int,
                      shuffle_buffer: int) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
   from agegender import pipeline  # pylint: disable=g-import-not-at-top
   start_rss = _rss_mb()
-  dataset = pipeline.make_dataset(records_dir, 'train', batch_size=batch_size, training=True,
-                                  image_size=image_size, shuffle_buffer=shuffle_buffer)
+  data = config_lib.DataConfig(records_dir=records_dir, image_size=image_size,
+                               batch_size=batch_size, shuffle_buffer=shuffle_buffer)
+  dataset = pipeline.make_dataset(data, 'train', training=True)
+  images, _ = next(iter(dataset))
   count, rates = _time_epochs(dataset, epochs)
   return {'images': count, 'epoch_rates': rates, 'start_rss_mb': start_rss,
+          'image_dtype': images.dtype.name,
+          'bytes_per_batch': images.numpy().nbytes,
+          'float32_bytes_per_batch': int(tf.size(images)) * 4,
           'gpus': len(tf.config.list_physical_devices('GPU'))}
 
 
 def run_measurement() -> None:
   if FLAGS.measure == 'inram':
     result = measure_inram(FLAGS.images_dir, FLAGS.image_size)
+  elif FLAGS.measure == 'floor':
+    result = measure_floor(FLAGS.images_dir, FLAGS.epochs)
   elif FLAGS.measure == 'decode':
     result = measure_decode(FLAGS.images_dir, FLAGS.image_size, FLAGS.batch_size, FLAGS.epochs)
   else:
@@ -188,6 +251,23 @@ def synthetic_images(directory: str, count: int) -> str:
           for start in range(0, count, chunk)]
   with multiprocessing.Pool(os.cpu_count()) as pool:
     pool.map(_write_synthetic_chunk, jobs)
+  return directory
+
+
+def extracted(archive: str, directory: str) -> str:
+  """The JPEGs of a .tar/.tar.gz/.tgz archive, extracted once into `directory`, flat."""
+  done = os.path.join(directory, '.complete')
+  if os.path.exists(done):
+    return directory
+  os.makedirs(directory, exist_ok=True)
+  with tarfile.open(archive) as tar:
+    for member in tar:
+      name = os.path.basename(member.name)
+      if member.isfile() and name.lower().endswith('.jpg') and not name.startswith('.'):
+        with tar.extractfile(member) as source, open(os.path.join(directory, name), 'wb') as f:
+          shutil.copyfileobj(source, f)
+  with open(done, 'w'):
+    pass
   return directory
 
 
@@ -240,7 +320,10 @@ def speed_comparison(work: str, images_dir: str) -> list[dict]:
   counts."""
   images = subset(images_dir, os.path.join(work, f'images-{FLAGS.count}'), FLAGS.count)
   methods = [('in-RAM loader (PIL + NumPy)', {}, 'inram', {'images_dir': images}),
-             ('decode limit (tf.data, bytes in memory)', {}, 'decode', {'images_dir': images})]
+             ('decode floor (PIL, all cores, bytes in memory)', {}, 'floor',
+              {'images_dir': images}),
+             ('decode limit (tf.data + resize, bytes in memory)', {}, 'decode',
+              {'images_dir': images})]
   for label, image_format, size in STORAGES:
     records_dir, stored = make_records(
         images, os.path.join(work, f'records-{FLAGS.count}-{image_format}-{size}'),
@@ -253,8 +336,9 @@ def speed_comparison(work: str, images_dir: str) -> list[dict]:
       results[method].append(measure_in_child(kind, **paths))
   rows = [dict(method=method, **extra, **_best_of(results[method]))
           for method, extra, *_ in methods]
-  inram, decode = rows[0]['images_per_s'], rows[1]['images_per_s']
+  inram, floor, decode = (row['images_per_s'] for row in rows[:3])
   for row in rows:
+    row['vs_decode_floor'] = row['images_per_s'] / floor
     row['vs_decode_limit'] = row['images_per_s'] / decode
     row['vs_in_ram'] = row['images_per_s'] / inram
   return rows
@@ -262,7 +346,7 @@ def speed_comparison(work: str, images_dir: str) -> list[dict]:
 
 def memory_comparison(work: str, images_dir: str) -> list[dict]:
   rows = []
-  for count in [int(s) for s in FLAGS.sizes]:
+  for count in [int(s) for s in FLAGS.sizes if s]:
     images = subset(images_dir, os.path.join(work, f'images-{count}'), count)
     records_dir, _ = make_records(images, os.path.join(work, f'records-{count}-jpeg-None'),
                                   'jpeg', None)
@@ -277,12 +361,19 @@ def memory_comparison(work: str, images_dir: str) -> list[dict]:
 
 def print_tables(header: str, speed: list[dict], memory: list[dict]) -> None:
   print(header)
-  print(f'{"method":44} {"images/s":>9} {"x decode":>9} {"x in-RAM":>9} '
-        f'{"peak RSS MB":>12} {"bytes/image":>12}')
+  print(f'{"method":50} {"images/s":>9} {"x floor":>8} {"x tf.data":>9} {"x in-RAM":>9} '
+        f'{"peak RSS MB":>12} {"bytes/image":>12} {"MB/batch":>9} {"f32 MB":>7}')
   for row in speed:
     stored = f'{row["bytes_per_image"]:,.0f}' if 'bytes_per_image' in row else ''
-    print(f'{row["method"]:44} {row["images_per_s"]:9,.0f} {row["vs_decode_limit"]:9.2f} '
-          f'{row["vs_in_ram"]:9.1f} {row["peak_rss_mb"]:12,.0f} {stored:>12}')
+    batch = (f'{row["bytes_per_batch"] / 1e6:9.2f} {row["float32_bytes_per_batch"] / 1e6:7.2f}'
+             if 'bytes_per_batch' in row else '')
+    print(f'{row["method"]:50} {row["images_per_s"]:9,.0f} {row["vs_decode_floor"]:8.2f} '
+          f'{row["vs_decode_limit"]:9.2f} {row["vs_in_ram"]:9.1f} {row["peak_rss_mb"]:12,.0f} '
+          f'{stored:>12} {batch}')
+  source = next(row for row in speed if row.get('storage') == 'source JPEG')
+  print(f'pipeline over source-JPEG records / decode floor: {source["vs_decode_floor"]:.2f} '
+        '(target: at least 0.9); MB/batch: uint8 images as yielded, f32 MB: the same as '
+        'float32')
   sizes = sorted({row['size'] for row in memory})
   if not sizes:
     return
@@ -300,12 +391,15 @@ def main(argv: list[str]) -> None:
   if FLAGS.measure:
     run_measurement()
     return
-  sizes = [int(s) for s in FLAGS.sizes]
+  sizes = [int(s) for s in FLAGS.sizes if s]
   with tempfile.TemporaryDirectory(prefix='input_pipeline-') as temporary:
     work = FLAGS.work_dir or temporary
     os.makedirs(work, exist_ok=True)
     needed = max([FLAGS.count] + sizes)
-    if FLAGS.source:
+    if FLAGS.source and os.path.isfile(FLAGS.source):
+      images_dir = extracted(FLAGS.source, os.path.join(work, 'source-images'))
+      data = f'UTKFace JPEGs from {FLAGS.source}'
+    elif FLAGS.source:
       images_dir, data = FLAGS.source, f'UTKFace JPEGs from {FLAGS.source}'
     else:
       images_dir = synthetic_images(os.path.join(work, 'synthetic'), needed)
