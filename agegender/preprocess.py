@@ -72,21 +72,23 @@ def preprocess_encoded_batch(encoded: Any,
       parallel_iterations=DECODE_PARALLELISM)
 
 
-def augment_image(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """A training-time variation of one uint8 image [S, S, 3]: a horizontal flip
-  and a small random shift (a crop of the reflect-padded image). Integer work
-  only; stateless: the same seed [2] gives the same result, in any thread."""
-  flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  pad = max(1, image.shape[0] // 16)
-  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode='REFLECT')
-  return tf.image.stateless_random_crop(padded, tf.shape(image), crop_seed)
-
-
 def augment_batch(images: tf.Tensor, element_seeds: tf.Tensor, seed: int) -> tf.Tensor:
-  """Each image of a batch through `augment_image`, seeded by its element's seed and `seed`."""
-  seeds = tf.stack([element_seeds, tf.fill(tf.shape(element_seeds), tf.cast(seed, tf.int64))],
-                   axis=1)
-  return tf.map_fn(lambda args: augment_image(*args), (images, seeds),
-                   fn_output_signature=tf.TensorSpec(images.shape[1:], images.dtype),
-                   parallel_iterations=DECODE_PARALLELISM)
+  """A training-time variation of each uint8 image of a batch [B, S, S, 3]: a
+  horizontal flip or not, then a shift of up to S/16 pixels each way (a crop
+  of the reflect-padded image). Integer work on the whole batch at once (a
+  per-image map costs several times the decode); stateless: the same batch
+  and seeds give the same result, in any thread."""
+  size = images.shape[1]
+  pad = max(1, size // 16)
+  batch = tf.shape(images)[0]
+  batch_seed = tf.stack([element_seeds[0], tf.cast(seed, tf.int64)])
+  flip_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(batch_seed, 2))
+  flip = tf.random.stateless_uniform([batch], flip_seed, maxval=2, dtype=tf.int32) > 0
+  images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
+  offsets = tf.random.stateless_uniform([batch, 2], shift_seed, maxval=2 * pad + 1,
+                                        dtype=tf.int32)
+  padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode='REFLECT')
+  rows = offsets[:, :1] + tf.range(size)[None, :]
+  columns = offsets[:, 1:] + tf.range(size)[None, :]
+  shifted = tf.gather(padded, rows, axis=1, batch_dims=1)
+  return tf.gather(shifted, columns, axis=2, batch_dims=1)

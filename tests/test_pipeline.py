@@ -245,7 +245,7 @@ def test_deterministic_mode_repeats_order_and_augmentation(records):
 
 
 def flips_and_shifts(image):
-  """Every image augment_image can make of `image`: flipped or not, then shifted by up to
+  """Every image augment_batch can make of `image`: flipped or not, then shifted by up to
   the pad (a crop of the reflect-padded image)."""
   pad = max(1, image.shape[0] // 16)
   size = image.shape[0]
