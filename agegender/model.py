@@ -30,6 +30,8 @@ DEFAULT_FILTERS = {'tiny': (16, 32, 64)}
 SEED_FILTERS = (64, 128, 256)
 DEFAULT_DENSE_UNITS = {'tiny': 32}
 SEED_DENSE_UNITS = 256
+# Batch normalization's moving-statistics momentum: 0.9 lets them settle within a short run.
+BN_MOMENTUM = 0.9
 
 
 class WeightsUnavailable(ValueError):
@@ -79,8 +81,9 @@ def _conv_net(pixels, filters, batch_norm: bool):
                             kernel_initializer='he_uniform', name=name)(x)
     if batch_norm:
       # Synchronized: statistics over the global batch, whatever share a replica gets (even
-      # none, in a short last batch); momentum 0.9 so short runs' moving statistics settle.
-      x = keras.layers.BatchNormalization(momentum=0.9, synchronized=True, name=f'{name}_bn')(x)
+      # none, in a short last batch).
+      x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=True,
+                                          name=f'{name}_bn')(x)
       x = keras.layers.ReLU(name=f'{name}_relu')(x)
     x = keras.layers.MaxPooling2D(2, name=f'pool{index + 1}')(x)
   # Flatten keeps where things are (a face's size is a cue to its age); global pooling would not.
@@ -98,6 +101,12 @@ def _backbone(name: str, pixels, weights: str):
       raise
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise WeightsUnavailable(f'cannot load {weights} weights for {name}: {reason}') from None
+  for layer in base.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      # As in our own conv blocks: the applications' momentum (0.99-0.999) leaves short runs'
+      # moving statistics far from the data, and validation outputs constant.
+      layer.momentum = BN_MOMENTUM
+      layer.synchronized = True
   # EfficientNet and MobileNetV3 take 0..255 pixels and scale them themselves.
   x = keras.layers.Rescaling(1.0, name='to_float')(pixels)
   if name == 'resnet50':
