@@ -269,7 +269,7 @@ def test_the_tiny_model_learns_through_the_service_as_locally(
   config = tiny_config(synthetic_records, tmp_path / 'served', data_service=service,
                        tensorboard=False, export=False)
   result = train.train_and_evaluate(config)
-  assert [int(row['epoch']) for row in result['history']] == list(range(config.epochs))
+  assert [int(row['epoch']) for row in result['history']] == list(range(config.optim.epochs))
   metrics, local = result['metrics'], trained_run['metrics']
   baselines = metrics['baselines']
   # The thresholds the local run meets in test_train, and close to the local run.
