@@ -87,7 +87,6 @@ class RunState:
                    reduce_lr_patience: int = 0, reduce_lr_factor: float = 0.5) -> bool:
     """Keeps the best model, the plateau counters and the history; saves the state. Returns
     whether to stop early."""
-    examples = logs.pop('examples', None)
     value = logs.get(trainer.MONITOR, math.nan)
     if trainer.is_better(value, float(self.best)):
       self.best.assign(value)
@@ -108,8 +107,6 @@ class RunState:
       shards.write_text(os.path.join(self.model_dir, HISTORY_FILE), history_csv(rows))
       if self.tensorboard:
         self._write_summaries(epoch, logs)
-    if examples is not None:
-      logs['examples'] = examples
     stop = bool(patience) and int(self.since_best) >= patience
     if stop:
       logging.info('no better %s for %d epochs: stopping early', trainer.MONITOR, patience)

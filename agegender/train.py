@@ -34,6 +34,7 @@ import tempfile
 from typing import Any, Sequence
 
 from absl import flags
+from absl import logging
 
 from agegender import cli
 from agegender import config as config_lib
@@ -161,7 +162,8 @@ def build_task(config: config_lib.Config, statistics: dict[str, Any], steps_per_
 
 def fit(config: config_lib.Config, strategy, model_dir: str, *, is_chief: bool,
         callbacks: Sequence = ()):
-  """Trains (or resumes) under `strategy`, writing to model_dir; returns (task, epochs trained)."""
+  """Trains (or resumes) under `strategy`, writing to model_dir; returns (task, state, epochs
+  trained by this call)."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from agegender import pipeline  # pylint: disable=g-import-not-at-top
@@ -192,12 +194,11 @@ def fit(config: config_lib.Config, strategy, model_dir: str, *, is_chief: bool,
       lambda context: pipeline.make_dataset(config.data, 'validation',
                                             input_context=context), strategy)
 
-  def end_of_epoch(epoch: int, logs: dict) -> bool:
-    if logs['examples'] < sizes['train']:
-      from absl import logging  # pylint: disable=g-import-not-at-top
+  def end_of_epoch(epoch: int, logs: dict, examples: int) -> bool:
+    if examples < sizes['train']:
       logging.warning('epoch %d trained on %d of the %d training records: %d lost (with a '
                       'tf.data service worker that stopped, or skipped as corrupt)', epoch + 1,
-                      logs['examples'], sizes['train'], sizes['train'] - logs['examples'])
+                      examples, sizes['train'], sizes['train'] - examples)
     return state.end_of_epoch(epoch, logs, patience=config.optim.early_stopping_patience,
                               reduce_lr_patience=config.optim.reduce_lr_patience,
                               reduce_lr_factor=config.optim.reduce_lr_factor)

@@ -170,22 +170,14 @@ def run_pass(run_steps, dataset, task: Task, callbacks, hook: str) -> tuple[int,
     getattr(callbacks, f'on_{hook}_batch_end')(steps - 1, results(task))
 
 
-def evaluate(task: Task, strategy, dataset, steps_per_execution: int = 1) -> dict[str, float]:
-  """The metrics of one pass over a distributed dataset."""
-  reset(task)
-  run_pass(step_function(task, strategy, eval_step, steps_per_execution), dataset, task,
-           keras.callbacks.CallbackList([]), 'test')
-  return results(task)
-
-
 def fit(task: Task, strategy, train_data, validation_data, *, first_epoch: int, epochs: int,
-        steps_per_epoch: int, end_of_epoch: Callable[[int, dict], bool],
+        steps_per_epoch: int, end_of_epoch: Callable[[int, dict, int], bool],
         steps_per_execution: int = 1, jit_compile: bool = False, verbose: int = 1,
         callbacks: Sequence[keras.callbacks.Callback] = ()) -> int:
   """Trains epochs first_epoch .. epochs-1; returns the number trained.
 
-  After each epoch `end_of_epoch(epoch, logs)` saves what must be saved and
-  says whether to stop (early stopping). Keras's progress bar and any
+  After each epoch `end_of_epoch(epoch, logs, examples trained on)` saves what
+  must be saved and says whether to stop (early stopping). Keras's progress bar and any
   `callbacks` see the usual batch and epoch events.
   """
   train_steps = step_function(task, strategy, train_step, steps_per_execution, jit_compile)
@@ -200,7 +192,7 @@ def fit(task: Task, strategy, train_data, validation_data, *, first_epoch: int, 
     reset(task)
     callbacks.on_epoch_begin(epoch)
     _, examples = run_pass(train_steps, train_data, task, callbacks, 'train')
-    logs = {**results(task), 'examples': examples}
+    logs = results(task)
     reset(task)
     callbacks.on_test_begin()
     run_pass(test_steps, validation_data, task, callbacks, 'test')
@@ -208,8 +200,8 @@ def fit(task: Task, strategy, train_data, validation_data, *, first_epoch: int, 
     callbacks.on_test_end(validation)
     logs.update({f'val_{name}': value for name, value in validation.items()})
     trained += 1
-    stop = end_of_epoch(epoch, logs)
-    callbacks.on_epoch_end(epoch, {k: v for k, v in logs.items() if k != 'examples'})
+    stop = end_of_epoch(epoch, logs, examples)
+    callbacks.on_epoch_end(epoch, logs)
     if stop:
       break
   callbacks.on_train_end(logs)

@@ -317,8 +317,9 @@ def loop_history(strategy, epochs=2):
   task = _tiny_task(strategy)
   rows = []
 
-  def end_of_epoch(epoch, logs):
-    rows.append({key: value for key, value in logs.items() if key != 'examples'})
+  def end_of_epoch(epoch, logs, examples):
+    assert examples == LOSS_EXAMPLES
+    rows.append(dict(logs))
     return False
 
   trainer.fit(task, strategy, strategy.experimental_distribute_dataset(_loss_data()),
