@@ -74,21 +74,26 @@ def preprocess_encoded_batch(encoded: Any,
 
 def augment_batch(images: tf.Tensor, element_seeds: tf.Tensor, seed: int) -> tf.Tensor:
   """A training-time variation of each uint8 image of a batch [B, S, S, 3]: a
-  horizontal flip or not, then a shift of up to S/16 pixels each way (a crop
-  of the reflect-padded image). Integer work on the whole batch at once (a
-  per-image map costs several times the decode); stateless: the same batch
-  and seeds give the same result, in any thread."""
+  horizontal flip or not, then a shift of up to S/16 pixels each way, the
+  edges reflected. One gather of the whole batch (a per-image map, or pad
+  and crop, costs several times the decode); stateless: the same batch and
+  seeds give the same result, in any thread."""
   size = images.shape[1]
   pad = max(1, size // 16)
   batch = tf.shape(images)[0]
   batch_seed = tf.stack([element_seeds[0], tf.cast(seed, tf.int64)])
   flip_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(batch_seed, 2))
   flip = tf.random.stateless_uniform([batch], flip_seed, maxval=2, dtype=tf.int32) > 0
-  images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
-  offsets = tf.random.stateless_uniform([batch, 2], shift_seed, maxval=2 * pad + 1,
-                                        dtype=tf.int32)
-  padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode='REFLECT')
-  rows = offsets[:, :1] + tf.range(size)[None, :]
-  columns = offsets[:, 1:] + tf.range(size)[None, :]
-  shifted = tf.gather(padded, rows, axis=1, batch_dims=1)
-  return tf.gather(shifted, columns, axis=2, batch_dims=1)
+  shifts = tf.random.stateless_uniform([batch, 2], shift_seed, maxval=2 * pad + 1,
+                                       dtype=tf.int32) - pad
+  span = tf.range(size)[None, :]
+
+  def reflect(index):  # As tf.pad's REFLECT: -1 reads 1, size reads size - 2.
+    index = tf.abs(index)
+    return tf.where(index >= size, 2 * (size - 1) - index, index)
+
+  rows = reflect(shifts[:, :1] + span)
+  columns = reflect(shifts[:, 1:] + span)
+  columns = tf.where(flip[:, None], size - 1 - columns, columns)
+  pixels = (tf.range(batch)[:, None, None] * size + rows[:, :, None]) * size + columns[:, None, :]
+  return tf.gather(tf.reshape(images, [-1, 3]), pixels)
