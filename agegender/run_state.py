@@ -77,6 +77,8 @@ class RunState:
     if latest:
       self.checkpoint.restore(latest).assert_existing_objects_matched()
       logging.info('resumed from %s at epoch %d', latest, int(self.epoch))
+      if self.write_outputs:  # A kill may have come between the state and the file.
+        shards.write_text(os.path.join(self.model_dir, HISTORY_FILE), history_csv(self.history))
     return int(self.epoch)
 
   @property

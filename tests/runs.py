@@ -20,3 +20,12 @@ def model_weights(state_dir):
   reader = tf.train.load_checkpoint(os.path.join(state_dir, 'checkpoints'))
   return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
           if name.startswith('model/')}
+
+
+def saved_history(state_dir):
+  """The history rows in the latest checkpoint under state_dir (what history.csv is written
+  from)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  reader = tf.train.load_checkpoint(os.path.join(state_dir, 'checkpoints'))
+  return json.loads(reader.get_tensor('history/.ATTRIBUTES/VARIABLE_VALUE').decode('utf-8'))
