@@ -37,7 +37,6 @@ from agegender import labels as labels_lib
 from agegender import model as model_lib  # pylint: disable=unused-import  # Registers custom layers.
 from agegender import preprocess
 from agegender import run_state
-from agegender.run_state import EXPORT_DIR, MODEL_FILE
 
 SIGNATURE = 'serving_default'
 INPUT_NAME = 'image_bytes'
@@ -47,7 +46,7 @@ UNREADABLE = 'not a readable image (JPEG, PNG, BMP or GIF)'
 
 def keras_model_path(model_dir_or_file: str) -> str:
   path = str(model_dir_or_file)
-  return os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
+  return os.path.join(path, run_state.MODEL_FILE) if os.path.isdir(path) else path
 
 
 def load_keras_model(model_dir_or_file: str) -> keras.Model:
@@ -147,7 +146,7 @@ def main(argv):
   if not FLAGS.model_dir:
     raise cli.UsageError('--model_dir is required')
   model = load_keras_model(FLAGS.model_dir)
-  export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, EXPORT_DIR)
+  export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, run_state.EXPORT_DIR)
   print(f'exported {export_saved_model(model, export_dir)}')
   return 0
 

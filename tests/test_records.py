@@ -15,7 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from agegender import contract, convert, labels, local_runner, records, shards
+from agegender import contract, convert, labels, local_runner, records
 from agegender import synthetic
 
 import folders  # tests/folders.py
