@@ -43,9 +43,10 @@ class DataConfig:
   batch_size: int = _field(128, 'Global batch size (split over the replicas).')
   shuffle_buffer: int = _field(2_000, 'Training shuffle buffer, in records (the pipeline\'s '
                                'main memory: about this many stored images).')
-  augment: bool = _field(True, 'Random flips and small shifts of training images.')
-  deterministic: bool = _field(False, 'The same input order and augmentation on every run '
-                               '(from --seed); slower.')
+  augment: bool = _field(True, 'Random flips and small shifts of training images (in the '
+                         'training step, on the device).')
+  deterministic: bool = _field(False, 'The same input order on every run (from --seed); '
+                               'slower.')
   seed: int = _field(0, 'Seed of the weights, the shuffle and the augmentation.')
   cache: bool = _field(False, 'Keep the serialized records in memory after the first epoch.')
   skip_corrupt: bool = _field(False, 'Skip corrupt records (counted and logged per shard) '

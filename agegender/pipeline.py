@@ -5,11 +5,13 @@ For one split, in this order::
   shards from the manifest -> (training: shuffle shard order each epoch)
   -> read shards in parallel (interleave), each checked against its record count
   -> (cache) -> (training: bounded record shuffle) -> batch
-  -> parse the batch -> decode / resize to uint8 (-> flip and shift) -> prefetch
+  -> parse the batch -> decode / resize to uint8 -> prefetch
 
 Nothing holds the data set in memory: peak memory is bounded by the shuffle
 buffer and the prefetched batches, whatever the size of the split. Images stay
-uint8 to the device; the model scales them (see agegender.preprocess).
+uint8 to the device; the model scales them (see agegender.preprocess), and
+the training step flips and shifts them there, so the CPU's work per image
+is the decode and the resize alone.
 
 Several GPUs or hosts: build the dataset per input pipeline and let the
 strategy place batches on the devices, which also prefetches them to the GPU::
@@ -92,10 +94,11 @@ def make_dataset(data: config_lib.DataConfig, split: str, *, training: bool = Fa
   'race': int64 [B], 'file_name': string [B]}`.
 
   training: shuffle the shard order every epoch and the records through a
-    buffer of `data.shuffle_buffer` serialized records; flip and shift if
-    `data.augment`; read through `data.data_service` if set. One pass is one
+    buffer of `data.shuffle_buffer` serialized records; read through
+    `data.data_service` if set. (The training step flips and shifts the
+    images on the device: `trainer.training_images`.) One pass is one
     epoch (no repeat). Outside training the order is the same on every run.
-  data.deterministic: the same order and augmentation on every run, from
+  data.deterministic: the same order on every run, from
     `data.seed`. Off by default, which lets parallel stages hand out whatever
     is ready.
   input_context: this input pipeline reads shards i, i+n, ... of the split
@@ -128,17 +131,10 @@ def make_dataset(data: config_lib.DataConfig, split: str, *, training: bool = Fa
                               seed=data.seed if data.deterministic else None,
                               reshuffle_each_iteration=True)
 
-  augmenting = training and data.augment
-  if augmenting:
-    element_seeds = tf.data.Dataset.random(seed=data.seed if data.deterministic else None,
-                                           rerandomize_each_iteration=True)
-    records = tf.data.Dataset.zip(records, element_seeds)
   batches = records.batch(batch_size, drop_remainder=drop_remainder)
 
-  def parse(serialized, element_seeds=None):
+  def parse(serialized):
     images, features = _decode_batch(serialized, storage, data.image_size)
-    if augmenting:
-      images = preprocess.augment_batch(images, element_seeds, data.seed)
     return _to_model_inputs(images, features, include_metadata)
 
   batches = batches.map(parse, num_parallel_calls=AUTOTUNE)

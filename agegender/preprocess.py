@@ -72,20 +72,27 @@ def preprocess_encoded_batch(encoded: Any,
       parallel_iterations=DECODE_PARALLELISM)
 
 
-def augment_batch(images: tf.Tensor, element_seeds: tf.Tensor, seed: int) -> tf.Tensor:
+def augment_batch(images: tf.Tensor, seed: tf.Tensor, first: Any = 0,
+                  total: Any = None) -> tf.Tensor:
   """A training-time variation of each uint8 image of a batch [B, S, S, 3]: a
   horizontal flip or not, then a shift of up to S/16 pixels each way, the
   edges reflected. One gather of the whole batch (a per-image map, or pad
   and crop, costs several times the decode); stateless: the same batch and
-  seeds give the same result, in any thread."""
+  seed (int [2]) give the same result, on any device.
+
+  first, total: the batch is images first..first+B-1 of a batch of `total`
+  (one replica's share of the global batch), and gets their draws, so
+  splitting a batch over replicas changes nothing.
+  """
   size = images.shape[1]
   pad = max(1, size // 16)
   batch = tf.shape(images)[0]
-  batch_seed = tf.stack([element_seeds[0], tf.cast(seed, tf.int64)])
-  flip_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(batch_seed, 2))
-  flip = tf.random.stateless_uniform([batch], flip_seed, maxval=2, dtype=tf.int32) > 0
-  shifts = tf.random.stateless_uniform([batch, 2], shift_seed, maxval=2 * pad + 1,
+  total = batch if total is None else total
+  flip_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  flip = tf.random.stateless_uniform([total], flip_seed, maxval=2, dtype=tf.int32) > 0
+  shifts = tf.random.stateless_uniform([total, 2], shift_seed, maxval=2 * pad + 1,
                                        dtype=tf.int32) - pad
+  flip, shifts = flip[first:first + batch], shifts[first:first + batch]
   span = tf.range(size)[None, :]
 
   def reflect(index):  # As tf.pad's REFLECT: -1 reads 1, size reads size - 2.

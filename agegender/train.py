@@ -157,7 +157,8 @@ def build_task(config: config_lib.Config, statistics: dict[str, Any], steps_per_
   optimizer.build(model.trainable_variables)
   return trainer.Task(model=model, optimizer=optimizer, optim=config.optim,
                       age_unit=float(age_unit), global_batch_size=global_batch_size,
-                      metrics=trainer.make_metrics())
+                      metrics=trainer.make_metrics(), augment=config.data.augment,
+                      seed=config.data.seed)
 
 
 def fit(config: config_lib.Config, strategy, model_dir: str, *, is_chief: bool,

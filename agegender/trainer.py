@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from agegender import config as config_lib
 from agegender import contract
+from agegender import preprocess
 
 G, A = contract.GENDER_OUTPUT, contract.AGE_OUTPUT
 # The quantity that picks the best model, reduces the learning rate and stops early.
@@ -35,6 +36,8 @@ class Task:
   age_unit: float  # Years per unit of the age error the loss sees.
   global_batch_size: int
   metrics: dict[str, keras.metrics.Metric]
+  augment: bool = False  # Flip and shift each training batch (training_images).
+  seed: int = 0  # Of the augmentation.
 
 
 def make_metrics() -> dict[str, keras.metrics.Metric]:
@@ -96,9 +99,25 @@ def _total(task: Task, gender_loss, age_loss):
   return task.optim.gender_loss_weight * gender_loss + task.optim.age_loss_weight * age_loss
 
 
+def training_images(task: Task, images: tf.Tensor) -> tf.Tensor:
+  """The batch the step trains on: flipped and shifted when task.augment, on the
+  batch's device, from a seed of (task.seed, step). Each replica takes its
+  share of the global batch's draws, so one device and several see the same
+  images."""
+  if not task.augment:
+    return images
+  context = tf.distribute.get_replica_context()
+  share = task.global_batch_size // context.num_replicas_in_sync
+  seed = tf.random.experimental.stateless_fold_in(
+      tf.constant([task.seed, 0], tf.int64), tf.cast(task.optimizer.iterations, tf.int64))
+  return preprocess.augment_batch(images, seed, first=context.replica_id_in_sync_group * share,
+                                  total=task.global_batch_size)
+
+
 def train_step(task: Task, data) -> tf.Tensor:
   """One optimizer step on this replica's batch; returns its example count."""
   images, targets = data
+  images = training_images(task, images)
   with tf.GradientTape() as tape:
     outputs = task.model(images, training=True)
     gender_loss, age_loss = per_example_losses(task, outputs, targets)

@@ -17,7 +17,8 @@ process so peak memory does not mix:
    (preprocess.preprocess_encoded_image, AUTOTUNE), batched, nothing else;
 4. make_dataset over records in each image storage (source JPEG, JPEG at 128,
    raw at 128), training mode (shard shuffle, interleave, record shuffle,
-   decode, resize, augment), yielding uint8 images as training receives them.
+   decode, resize), yielding uint8 images as training receives them (the
+   training step flips and shifts them on the device, outside the pipeline).
 
 The pipeline over source-JPEG records is reported as a ratio of the decode
 floor (target: at least 0.9); every pipeline row also gives the bytes of one
@@ -74,7 +75,6 @@ flags.DEFINE_enum('measure', None, ['inram', 'floor', 'decode', 'pipeline'], 'In
 flags.DEFINE_string('images_dir', None, 'Internal: images of one measurement.')
 flags.DEFINE_string('records_dir', None, 'Internal: records of one measurement.')
 flags.DEFINE_integer('shuffle_buffer', 2000, 'Internal: record shuffle buffer.')
-flags.DEFINE_bool('augment', True, 'Internal: training augmentation in a pipeline measurement.')
 
 STORAGES = (('source JPEG', 'jpeg', None), ('JPEG@128', 'jpeg', 128), ('raw@128', 'raw', 128))
 
@@ -189,14 +189,13 @@ def measure_decode(images_dir: str, image_size: int, batch_size: int, epochs: in
 
 
 def measure_pipeline(records_dir: str, image_size: int, batch_size: int, epochs: int,
-                     shuffle_buffer: int, augment: bool = True) -> dict:
+                     shuffle_buffer: int) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
   from agegender import pipeline  # pylint: disable=g-import-not-at-top
   start_rss = _rss_mb()
   data = config_lib.DataConfig(records_dir=records_dir, image_size=image_size,
-                               batch_size=batch_size, shuffle_buffer=shuffle_buffer,
-                               augment=augment)
+                               batch_size=batch_size, shuffle_buffer=shuffle_buffer)
   dataset = pipeline.make_dataset(data, 'train', training=True)
   images, _ = next(iter(dataset))
   count, rates = _time_epochs(dataset, epochs)
@@ -216,7 +215,7 @@ def run_measurement() -> None:
     result = measure_decode(FLAGS.images_dir, FLAGS.image_size, FLAGS.batch_size, FLAGS.epochs)
   else:
     result = measure_pipeline(FLAGS.records_dir, FLAGS.image_size, FLAGS.batch_size,
-                              FLAGS.epochs, FLAGS.shuffle_buffer, FLAGS.augment)
+                              FLAGS.epochs, FLAGS.shuffle_buffer)
   result['images_per_s'] = max(result['epoch_rates'])
   result['peak_rss_mb'] = _peak_rss_mb()
   print(json.dumps(result))
@@ -332,10 +331,6 @@ def speed_comparison(work: str, images_dir: str) -> list[dict]:
         image_format, size)
     methods.append((f'pipeline, {label} records', dict(storage=label, **stored), 'pipeline',
                     {'records_dir': records_dir}))
-    if label == STORAGES[0][0]:  # What the augmentation costs, beside the decode.
-      methods.append((f'pipeline, {label} records, no augmentation',
-                      dict(storage=label, **stored), 'pipeline',
-                      {'records_dir': records_dir, 'augment': False}))
   results = {method: [] for method, *_ in methods}
   for _ in range(FLAGS.rounds):
     for method, _, kind, paths in methods:

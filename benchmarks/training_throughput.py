@@ -13,7 +13,8 @@ the CPU), with the dataset placed by `pipeline.distribute_dataset`, exactly as
 
 1. pipeline:  `pipeline.make_dataset` over the records of each storage (source
    JPEG, JPEG or raw at a size: whatever each --records_dirs holds), training
-   mode (shard and record shuffle, decode, resize, augment, prefetch);
+   mode (shard and record shuffle, decode, resize, prefetch; the step flips
+   and shifts on the device);
 2. in-memory: one uint8 batch of that pipeline held in memory and repeated
    (`tf.data.Dataset.from_tensors(batch).repeat()`): the input costs nothing,
    so this is the rate of the model and the step alone.

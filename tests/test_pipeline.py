@@ -2,8 +2,7 @@
 
 Each fixture image carries its labels in its pixels (the top rows are one
 color computed from age and gender), so alignment of images and labels can be
-checked after shuffling (and after augmentation's flip and small shift); the
-bottom rows are textured so resizing matters. Batches are uint8 pixels; the
+checked after shuffling; the bottom rows are textured so resizing matters. Batches are uint8 pixels; the
 model scales them (tests/test_model.py).
 """
 
@@ -26,6 +25,7 @@ from agegender import model as model_lib
 from agegender import pipeline
 from agegender import preprocess
 from agegender import shard_reader
+from agegender import trainer
 
 SIZE = 32            # Target size in these tests, small for speed.
 SHARDS = 3
@@ -201,7 +201,6 @@ def test_metadata_and_drop_remainder(records):
 
 
 def test_labels_stay_with_their_images_for_each_storage(any_records):
-  # Training with augmentation on (the default): flips and shifts keep the label rows.
   dataset = pipeline.make_dataset(data_config(any_records, batch_size=7, shuffle_buffer=100),
                                   'train', training=True)
   seen = 0
@@ -229,9 +228,9 @@ def test_evaluation_order_is_stable(records):
   assert sorted(names_of(epoch(dataset))) == train_names(records)
 
 
-def test_deterministic_mode_repeats_order_and_augmentation(records):
+def test_deterministic_mode_repeats_order_and_images(records):
   def run():
-    data = data_config(records, batch_size=6, augment=True, deterministic=True, seed=7)
+    data = data_config(records, batch_size=6, deterministic=True, seed=7)
     dataset = pipeline.make_dataset(data, 'train', training=True, include_metadata=True)
     return [epoch(dataset) for _ in range(2)]
 
@@ -256,28 +255,44 @@ def flips_and_shifts(image):
         yield padded[top:top + size, left:left + size]
 
 
-def test_augmentation_is_a_flip_and_a_small_shift_of_the_image(records):
-  plain = pipeline.make_dataset(data_config(records, batch_size=NUM_TRAIN), 'train',
-                                include_metadata=True)
-  augmented = pipeline.make_dataset(data_config(records, batch_size=NUM_TRAIN, augment=True),
-                                    'train', training=True, include_metadata=True)
-  (plain_images, _, plain_meta), = epoch(plain)
-  (images, _, meta), = epoch(augmented)
+def augmenting_task(augment=True, seed=0):
+  optimizer = keras.optimizers.Adam()
+  return trainer.Task(model=None, optimizer=optimizer, optim=None, age_unit=1.0,
+                      global_batch_size=NUM_TRAIN, metrics={}, augment=augment, seed=seed)
+
+
+def test_the_training_step_trains_on_a_flip_and_a_small_shift_of_each_image(records):
+  plain = pipeline.make_dataset(data_config(records, batch_size=NUM_TRAIN), 'train')
+  (originals, _), = epoch(plain)
+  task = augmenting_task()
+  images = trainer.training_images(task, tf.constant(originals)).numpy()
   assert images.dtype == np.uint8
-  by_name = dict(zip(plain_meta['file_name'], plain_images))
   changed = 0
-  for image, name in zip(images, meta['file_name']):
-    original = by_name[name]
+  for image, original in zip(images, originals):
     # Exactly one of the flips and shifts: integer work, no pixel is rescaled.
     assert any(np.array_equal(image, candidate) for candidate in flips_and_shifts(original))
     changed += not np.array_equal(image, original)
   assert changed > NUM_TRAIN // 2
+  # The same step and seed give the same batch; the next step another one.
+  np.testing.assert_array_equal(trainer.training_images(task, tf.constant(originals)), images)
+  task.optimizer.iterations.assign_add(1)
+  assert not np.array_equal(trainer.training_images(task, tf.constant(originals)), images)
+  other_seed = trainer.training_images(augmenting_task(seed=1), tf.constant(originals))
+  assert not np.array_equal(other_seed, images)
 
 
-def test_training_without_augmentation_gives_the_evaluation_images(records):
+def test_without_augmentation_the_training_step_trains_on_the_stored_images(records):
+  plain = pipeline.make_dataset(data_config(records, batch_size=NUM_TRAIN), 'train')
+  (originals, _), = epoch(plain)
+  images = trainer.training_images(augmenting_task(augment=False), tf.constant(originals))
+  np.testing.assert_array_equal(images, originals)
+
+
+def test_training_batches_carry_the_evaluation_images(records):
+  # The pipeline never augments (the step does, on the device): the CPU only decodes.
   plain = pipeline.make_dataset(data_config(records, batch_size=NUM_TRAIN), 'train',
                                 include_metadata=True)
-  training = pipeline.make_dataset(data_config(records, batch_size=NUM_TRAIN, augment=False),
+  training = pipeline.make_dataset(data_config(records, batch_size=NUM_TRAIN, augment=True),
                                    'train', training=True, include_metadata=True)
   (plain_images, _, plain_meta), = epoch(plain)
   (images, _, meta), = epoch(training)
