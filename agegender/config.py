@@ -18,7 +18,9 @@ from typing import Any
 
 from agegender import contract
 
-MODELS = ('seed_cnn', 'tiny', 'resnet50', 'efficientnet_b0', 'mobilenet_v3_small')
+# keras.applications backbones (the only models with pretrained weights).
+BACKBONES = ('resnet50', 'efficientnet_b0', 'mobilenet_v3_small')
+MODELS = ('compact_cnn', 'seed_cnn', 'tiny') + BACKBONES
 STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
 AGE_LOSSES = ('huber', 'mae', 'mse')
 SCHEDULES = ('cosine', 'constant')
@@ -60,7 +62,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The network: its architecture and precision."""
-  model: str = _field('seed_cnn', 'The model to train.', MODELS)
+  model: str = _field('compact_cnn', 'The model to train.', MODELS)
   weights: str = _field('none', 'Initial weights of a keras.applications backbone '
                         '(imagenet: downloaded).', WEIGHTS)
   filters: tuple[int, ...] = _field((), 'Conv filters per block (empty: 64,128,256; '
@@ -68,7 +70,7 @@ class ModelConfig:
   dense_units: int = _field(0, 'Units of the dense layer before the heads (0: 256; 32 for tiny).')
   dropout: float = _field(0.5, 'Dropout before the heads.')
   batch_norm: bool = _field(True, 'Batch normalization after each convolution of seed_cnn '
-                            'and tiny.')
+                            'and tiny (compact_cnn always has it).')
   mixed_precision: bool = _field(False, 'mixed_float16 compute (for GPUs); the output heads '
                                  'stay float32.')
 
@@ -77,7 +79,7 @@ class ModelConfig:
 class OptimConfig:
   """The losses, the optimizer and the schedule."""
   epochs: int = _field(10, 'Epochs to train (a resumed run ends at the same epoch).')
-  learning_rate: float = _field(1e-3, 'Peak learning rate (AdamW).')
+  learning_rate: float = _field(6e-3, 'Peak learning rate (AdamW).')
   weight_decay: float = _field(1e-4, 'AdamW\'s decoupled weight decay (0: Adam).')
   schedule: str = _field('cosine', 'cosine: warm up, then decay to 0 by the last epoch; '
                          'constant: the learning rate throughout.', SCHEDULES)
@@ -131,7 +133,7 @@ SECTIONS = {'data': DataConfig, 'model': ModelConfig, 'optim': OptimConfig, 'run
 # Named sets of values over the defaults. `reference`: the seed notebook's recipe.
 RECIPES: dict[str, dict[str, Any]] = {
     'default': {},
-    'reference': {'augment': False, 'batch_norm': False, 'learning_rate': 1e-4,
+    'reference': {'model': 'seed_cnn', 'augment': False, 'batch_norm': False, 'learning_rate': 1e-4,
                   'weight_decay': 0.0, 'schedule': 'constant', 'age_loss': 'mse',
                   'age_unit': 'years'},
 }
@@ -198,7 +200,7 @@ def check(config: Config) -> None:
     raise contract.ArgumentError('dropout', f'dropout must be in [0, 1), got {config.model.dropout}')
   if config.data.image_size < 32:
     raise contract.ArgumentError('image_size', f'image_size must be at least 32, got {config.data.image_size}')
-  if config.model.weights != 'none' and config.model.model in ('seed_cnn', 'tiny'):
+  if config.model.weights != 'none' and config.model.model not in BACKBONES:
     raise contract.ArgumentError('weights', f'weights {config.model.weights} need a keras.applications '
                                  f'model, not {config.model.model}')
   if config.optim.reduce_lr_patience and config.optim.schedule != 'constant':

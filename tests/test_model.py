@@ -55,6 +55,20 @@ def test_default_seed_cnn_normalizes_each_convolution_in_batches():
   assert norms == ['conv1_bn', 'conv2_bn', 'conv3_bn']
 
 
+def test_compact_cnn_is_seven_normalized_convolutions_then_global_pooling():
+  small, large = build('compact_cnn', 64), build('compact_cnn', 128)
+  convs = [layer for layer in small.layers if isinstance(layer, keras.layers.Conv2D)]
+  assert [(conv.filters, conv.strides[0]) for conv in convs] == list(model_lib.COMPACT_LAYERS)
+  assert not any(conv.use_bias for conv in convs)
+  norms = [layer for layer in small.layers if isinstance(layer, keras.layers.BatchNormalization)]
+  assert len(norms) == len(convs)
+  # Global pooling: the same weights serve any input size.
+  assert small.count_params() == large.count_params()
+  assert submodel(small, 'conv7_relu').output.shape[1:3] == (4, 4)
+  outputs = large.predict(pixels(2, 128), verbose=0)
+  assert outputs['age_output'].shape == (2, 1) and outputs['gender_output'].shape == (2, 1)
+
+
 @pytest.mark.parametrize('name', ['tiny', 'seed_cnn'])
 def test_outputs_are_two_named_heads(name):
   model = build(name, 64, filters=(4, 8, 8), dense_units=8)
@@ -126,7 +140,8 @@ def test_imagenet_weights_that_cannot_be_downloaded_raise_weights_unavailable(mo
 
 
 @pytest.mark.parametrize('fields, name, message', [
-    (dict(model='vgg'), 'model', 'must be one of seed_cnn, tiny'),
+    (dict(model='vgg'), 'model', 'must be one of compact_cnn, seed_cnn, tiny'),
+    (dict(model='compact_cnn', weights='imagenet'), 'weights', 'not compact_cnn'),
     (dict(model='seed_cnn', weights='imagenet'), 'weights', 'need a keras.applications model, not seed_cnn'),
     (dict(model='tiny', weights='places'), 'weights', 'must be one of none, imagenet'),
     (dict(model='tiny', image_size=16), 'image_size', 'at least 32'),
