@@ -20,7 +20,8 @@ each as UTKFace's crops are framed, and each face gets a line: file, face box
 (left,top,width,height in the photo's pixels), age, gender, probability; JSON
 lines add "box" and "crop" (the square that was fed to the model, which may
 reach past the photo's edges). A photo without a face gets an error line.
---annotate=DIR writes a copy of each photo there, with boxes and labels drawn.
+--annotate=DIR writes a PNG copy of each photo there (NAME.png, NAME-2.png for a
+second photo of that name), with boxes and labels drawn.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def predict_photos(model, paths: Iterable[str],
                    annotate_dir: str | None = None) -> Iterator[dict[str, Any]]:
   """Per photo, one result per face found, or one {'file', 'error'} (no face, unreadable)."""
   from agegender import faces  # pylint: disable=g-import-not-at-top
+  written = set()
   for path, reason in image_files(paths):
     pixels, reason = _load_pixels(path) if reason is None else (None, reason)
     if pixels is None:
@@ -160,7 +162,13 @@ def predict_photos(model, paths: Iterable[str],
     if annotate_dir:
       labels = [(faces.Box(*r['box']), f'{r["age"]:.0f} {r["gender"]} {r["probability"]:.2f}')
                 for r in results]
-      name = os.path.splitext(os.path.basename(path))[0] + '.png'
+      stem = os.path.splitext(os.path.basename(path))[0]
+      # Photos of one name in different folders get -2, -3...: none overwrites another.
+      name, count = f'{stem}.png', 1
+      while name in written:
+        count += 1
+        name = f'{stem}-{count}.png'
+      written.add(name)
       faces.draw_boxes(pixels, labels).save(os.path.join(annotate_dir, name))
     yield from results or [{'file': path, 'error': NO_FACE}]
 
@@ -212,7 +220,10 @@ def main(argv):
     except ImportError as e:
       raise cli.UsageError(str(e)) from None
   if FLAGS.annotate:
-    os.makedirs(FLAGS.annotate, exist_ok=True)
+    try:
+      os.makedirs(FLAGS.annotate, exist_ok=True)
+    except OSError as e:
+      raise cli.UsageError(f'--annotate={FLAGS.annotate}: {e.strerror or e}') from None
   model = load_model(FLAGS.model_dir, FLAGS.tflite, FLAGS.tflite_model)
   results = (predict_photos(model, paths, FLAGS.annotate) if FLAGS.find_faces
              else predict_paths(model, paths, FLAGS.batch_size))

@@ -150,3 +150,16 @@ def test_a_missing_opencv_is_a_one_line_error_naming_the_extra(model_dir, photos
   assert completed.returncode == 2 and completed.stdout == ''
   assert completed.stderr.strip().splitlines() == [
       "agegender.predict: error: finding faces needs OpenCV: pip install -e '.[faces]'"]
+
+
+def test_annotating_two_photos_of_one_name_keeps_both(model_dir, photos, tmp_path):
+  for folder in ('a', 'b'):
+    (tmp_path / folder).mkdir()
+    Image.fromarray(skimage.data.astronaut()).save(tmp_path / folder / 'photo.png')
+  model = predict.load_model(model_dir, False, None)
+  annotated = tmp_path / 'annotated'
+  annotated.mkdir()
+  results = list(predict.predict_photos(model, [str(tmp_path / 'a'), str(tmp_path / 'b')],
+                                        str(annotated)))
+  assert len(results) == 2 and all('box' in result for result in results)
+  assert sorted(os.listdir(annotated)) == ['photo-2.png', 'photo.png']
