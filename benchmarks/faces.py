@@ -51,6 +51,8 @@ flags.DEFINE_integer('faces', 600, 'Test-split crops to paste.')
 flags.DEFINE_integer('min_side', 80, 'Smallest side of a pasted crop, in scene pixels.')
 flags.DEFINE_integer('max_side', 320, 'Largest side of a pasted crop.')
 flags.DEFINE_integer('seed', 0, 'Seed of the scenes and placements.')
+flags.DEFINE_integer('min_neighbors', faces.MIN_NEIGHBORS, 'The detector\'s overlapping hits '
+                     'to keep a box (agegender.faces.detect).')
 flags.DEFINE_string('json', None, 'Also write the figures here as JSON.')
 FLAGS = flags.FLAGS
 WIDTH, HEIGHT = 640, 480
@@ -164,7 +166,7 @@ def main(argv):
   scene_count = 0
   for pixels, pasted in scenes((jpeg for jpeg, _, _ in records), rng):
     scene_count += 1
-    boxes = faces.detect(pixels)
+    boxes = faces.detect(pixels, min_neighbors=FLAGS.min_neighbors)
     for name, calibration in variants.items():
       crops = [faces.utkface_crop(box, (WIDTH, HEIGHT), **calibration) for box in boxes]
       used = set()
@@ -204,12 +206,14 @@ def main(argv):
              'image_size': size, 'faces': len(records), 'scenes': scene_count,
              'scene_size': [WIDTH, HEIGHT], 'sides': [FLAGS.min_side, FLAGS.max_side],
              'seed': FLAGS.seed, 'match_iou': MATCH_IOU,
+             'detector': {'scale_factor': faces.SCALE_FACTOR, 'min_neighbors': FLAGS.min_neighbors},
              'calibration': {'scale': faces.CROP_SCALE, 'shift_x': faces.CROP_SHIFT_X,
                              'shift_y': faces.CROP_SHIFT_Y},
              'machine': machine.describe_cpu(), 'seconds': round(time.time() - started, 1),
              'rows': rows, 'note': 'UTKFace test-split crops: non-commercial research use only'}
   print(f'{len(records)} UTKFace test-split crops in {scene_count} scenes of {WIDTH}x{HEIGHT} '
-        f'(sides {FLAGS.min_side}-{FLAGS.max_side}, seed {FLAGS.seed}); model {figures["model"]} '
+        f'(sides {FLAGS.min_side}-{FLAGS.max_side}, seed {FLAGS.seed}, min_neighbors '
+        f'{FLAGS.min_neighbors}); model {figures["model"]} '
         f'({size}x{size}); {figures["machine"]}, {figures["seconds"]} s')
   print(f'{"crop":12}{"found":>8}{"false/scene":>12}{"IoU":>6}{"MAE orig":>9}{"MAE recrop":>11}'
         f'{"|diff|":>8}{"gender agree":>13}')

@@ -97,6 +97,8 @@ def test_a_crop_past_the_edge_repeats_the_edge_pixels():
 def test_bad_input_is_a_value_error():
   with pytest.raises(ValueError, match='uint8 RGB'):
     faces.detect(np.zeros((10, 10), np.uint8))
+  with pytest.raises(ValueError, match='min_neighbors and min_face must be positive'):
+    faces.detect(np.zeros((10, 10, 3), np.uint8), min_neighbors=0)
   with pytest.raises(ValueError, match='positive size'):
     faces.utkface_crop(faces.Box(0, 0, 0, 10), (100, 100))
   with pytest.raises(ValueError, match='empty'):
