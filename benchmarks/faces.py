@@ -47,7 +47,7 @@ from agegender import preprocess  # pylint: disable=wrong-import-position
 flags.DEFINE_string('records_dir', 'records', 'Records written by agegender.make_records from '
                     'UTKFace, with source JPEG bytes.')
 flags.DEFINE_string('model_dir', None, 'The run whose model.keras predicts.', required=True)
-flags.DEFINE_integer('faces', 600, 'Test-split crops to paste.')
+flags.DEFINE_integer('faces', 1000, 'Test-split crops to paste.')
 flags.DEFINE_integer('min_side', 80, 'Smallest side of a pasted crop, in scene pixels.')
 flags.DEFINE_integer('max_side', 320, 'Largest side of a pasted crop.')
 flags.DEFINE_integer('seed', 0, 'Seed of the scenes and placements.')
