@@ -8,5 +8,5 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[cpu,test,beam]'
+.venv/bin/python -m pip install --quiet -e '.[cpu,test,beam,faces,tflite]'
 exec .venv/bin/python -m pytest "$@"

@@ -19,6 +19,7 @@ on its own before batching, so it reports a broken file and predicts the
 others.)
 
   python -m agegender.export --model_dir=runs/seed_cnn   # rewrites runs/seed_cnn/export
+  python -m agegender.export --model_dir=runs/seed_cnn --tflite   # and the TFLite models
   saved_model_cli show --dir runs/seed_cnn/export --tag_set serve --signature_def serving_default
 """
 
@@ -135,6 +136,8 @@ def define_flags():
   """Defined only when run as a program: train imports this module."""
   flags.DEFINE_string('model_dir', None, 'The training run whose model.keras to export.')
   flags.DEFINE_string('export_dir', None, 'Where to write the SavedModel (default: MODEL_DIR/export).')
+  flags.DEFINE_bool('tflite', False, 'Also write model.tflite (float32) and model_fp16.tflite '
+                    '(float16 weights) to MODEL_DIR: uint8 pixels in, age and gender out.')
 
 
 FLAGS = flags.FLAGS
@@ -148,6 +151,11 @@ def main(argv):
   model = load_keras_model(FLAGS.model_dir)
   export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, run_state.EXPORT_DIR)
   print(f'exported {export_saved_model(model, export_dir)}')
+  if FLAGS.tflite:
+    from agegender import lite  # pylint: disable=g-import-not-at-top
+    run_dir = os.path.dirname(keras_model_path(FLAGS.model_dir))
+    for path in lite.convert_tflite(model, run_dir).values():
+      print(f'exported {path}')
   return 0
 
 

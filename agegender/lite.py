@@ -1,0 +1,127 @@
+"""TFLite models for phones: conversion from a run's Keras model, and running them with LiteRT.
+
+`python -m agegender.export --model_dir=RUN --tflite` writes, beside the run's
+model.keras (in RUN itself, so rewriting the SavedModel in RUN/export never
+removes them):
+
+  model.tflite        float32 weights and arithmetic
+  model_fp16.tflite   float16 weights (half the size), dequantized to float32 to run
+
+Each has one signature, `serving_default`, with one input and two outputs:
+
+  image               uint8 [N, S, S, 3]: RGB pixels at the model's input size S
+                      (decoded and resized outside TFLite, by agegender.preprocess;
+                      the model's first layer scales them to [0, 1])
+  age                 float32 [N]: years
+  gender_probability  float32 [N]: the probability of female (UTKFace's gender 1)
+
+Ask for outputs by name through the signature runner: the flat output tensors'
+names (`StatefulPartitionedCall:0`, ...) do not say which is which.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from agegender import contract
+from agegender import run_state
+
+TFLITE_FILE = 'model.tflite'
+TFLITE_FP16_FILE = 'model_fp16.tflite'
+SIGNATURE = 'serving_default'
+INPUT_NAME = 'image'
+AGE_NAME = 'age'
+GENDER_NAME = 'gender_probability'
+MISSING_LITERT = ("running TFLite models needs LiteRT (ai-edge-litert): "
+                  "pip install -e '.[tflite]'")
+
+
+def tflite_paths(model_dir: str) -> dict[str, str]:
+  """Where export writes the float32 and float16 models of a run."""
+  return {'float32': os.path.join(model_dir, TFLITE_FILE),
+          'float16': os.path.join(model_dir, TFLITE_FP16_FILE)}
+
+
+def _write_serving_saved_model(model: keras.Model, directory: str) -> None:
+  """uint8 pixels in, named 1-D outputs: the graph both TFLite models convert from.
+
+  Through a SavedModel because TFLiteConverter.from_concrete_functions on a
+  Keras 3 model does not capture its weights (the result runs, giving NaN);
+  a Keras ExportArchive tracks them.
+  """
+  size = int(model.input_shape[1])
+
+  def serve(image):
+    outputs = model(image, training=False)
+    return {AGE_NAME: tf.reshape(tf.cast(outputs[contract.AGE_OUTPUT], tf.float32), [-1]),
+            GENDER_NAME: tf.reshape(tf.cast(outputs[contract.GENDER_OUTPUT], tf.float32), [-1])}
+
+  archive = keras.export.ExportArchive()
+  archive.track(model)
+  archive.add_endpoint(SIGNATURE, serve, input_signature=[
+      tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT_NAME)])
+  with run_state.quiet():
+    archive.write_out(directory, verbose=False)
+
+
+def _write_atomically(path: str, content: bytes) -> None:
+  # Beside the target and moved into place: a reader never sees half a model.
+  partial = f'{path}.partial'
+  with open(partial, 'wb') as f:
+    f.write(content)
+  os.replace(partial, path)
+
+
+def convert_tflite(model: keras.Model, output_dir: str) -> dict[str, str]:
+  """Writes model.tflite and model_fp16.tflite to output_dir; returns their paths by precision."""
+  paths = tflite_paths(output_dir)
+  with tempfile.TemporaryDirectory() as scratch:
+    saved_model = os.path.join(scratch, 'saved_model')
+    _write_serving_saved_model(model, saved_model)
+    for precision, path in paths.items():
+      converter = tf.lite.TFLiteConverter.from_saved_model(saved_model, signature_keys=[SIGNATURE])
+      if precision == 'float16':
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+      with run_state.quiet():
+        content = converter.convert()
+      _write_atomically(path, content)
+  return paths
+
+
+def _interpreter_class():
+  try:
+    from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(MISSING_LITERT) from None
+  return Interpreter
+
+
+class LiteModel:
+  """A .tflite model behind the two calls predict and evaluate make of a Keras model:
+  `input_shape` and `predict_on_batch(uint8 images)` -> {age_output, gender_output}."""
+
+  def __init__(self, path: str, num_threads: int | None = None):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f'no TFLite model at {path}; write one with `python -m agegender.export --tflite`')
+    self.path = path
+    self.interpreter = _interpreter_class()(model_path=path, num_threads=num_threads)
+    signatures = self.interpreter.get_signature_list()
+    expected = {'inputs': [INPUT_NAME], 'outputs': sorted([AGE_NAME, GENDER_NAME])}
+    found = signatures.get(SIGNATURE, {})
+    if {key: sorted(found.get(key, [])) for key in expected} != expected:
+      raise ValueError(f'{path} is not an agegender TFLite model: its signatures are {signatures}')
+    self.runner = self.interpreter.get_signature_runner(SIGNATURE)
+    shape = self.runner.get_input_details()[INPUT_NAME]['shape_signature']
+    self.input_shape = (None, *(int(side) for side in shape[1:]))
+
+  def predict_on_batch(self, images) -> dict[str, np.ndarray]:
+    outputs = self.runner(**{INPUT_NAME: np.asarray(images, np.uint8)})
+    return {contract.AGE_OUTPUT: outputs[AGE_NAME].reshape(-1, 1),
+            contract.GENDER_OUTPUT: outputs[GENDER_NAME].reshape(-1, 1)}
