@@ -1,6 +1,6 @@
 """Evaluation on a split: the headline metrics, metrics by group, baselines, plots.
 
-  python -m agegender.evaluate --model_dir=runs/seed_cnn [--records_dir=records] [--split=test]
+  python -m agegender.evaluate --model_dir=runs/compact_cnn [--records_dir=records] [--split=test]
 
 Writes into --model_dir (for the test split; other splits get their name as a
 suffix): metrics.json, metrics.txt (the table it prints) and predicted_age.png.

@@ -18,9 +18,9 @@ a client could average in unnoticed. (`agegender.predict` decodes each file
 on its own before batching, so it reports a broken file and predicts the
 others.)
 
-  python -m agegender.export --model_dir=runs/seed_cnn   # rewrites runs/seed_cnn/export
-  python -m agegender.export --model_dir=runs/seed_cnn --tflite   # and the TFLite models
-  saved_model_cli show --dir runs/seed_cnn/export --tag_set serve --signature_def serving_default
+  python -m agegender.export --model_dir=runs/compact_cnn   # rewrites runs/compact_cnn/export
+  python -m agegender.export --model_dir=runs/compact_cnn --tflite   # and the TFLite models
+  saved_model_cli show --dir runs/compact_cnn/export --tag_set serve --signature_def serving_default
 """
 
 from __future__ import annotations

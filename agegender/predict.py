@@ -1,8 +1,8 @@
 """Age and gender for image files: face crops, or the faces found in whole photos.
 
-  python -m agegender.predict --model_dir=runs/seed_cnn face.jpg photos/ [--json]
-  python -m agegender.predict --model_dir=runs/seed_cnn --find_faces photo.jpg [--annotate=DIR]
-  python -m agegender.predict --model_dir=runs/seed_cnn --tflite [--tflite_model=PATH] face.jpg
+  python -m agegender.predict --model_dir=runs/compact_cnn face.jpg photos/ [--json]
+  python -m agegender.predict --model_dir=runs/compact_cnn --find_faces photo.jpg [--annotate=DIR]
+  python -m agegender.predict --model_dir=runs/compact_cnn --tflite [--tflite_model=PATH] face.jpg
 
 Takes files and folders (searched recursively for .jpg, .jpeg, .png, .bmp and
 .gif) and prints one line per image: file, predicted age, gender, and the
