@@ -1,4 +1,5 @@
-"""Shared fixtures: synthetic records converted once, and one short training run on them."""
+"""Shared fixtures: synthetic records converted once, and one short training run of the
+default recipe (the default model included) on them."""
 
 import pytest
 
@@ -18,10 +19,10 @@ def synthetic_records(tmp_path_factory):
   return str(root)
 
 
-def _tiny_config(records_dir, model_dir, **overrides):
-  """A Config of the default recipe for the tiny model, sized for the synthetic set."""
+def _run_config(records_dir, model_dir, **overrides):
+  """A Config of the default recipe and model, sized for the synthetic set."""
   from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
-  values = dict(records_dir=str(records_dir), model_dir=str(model_dir), model='tiny',
+  values = dict(records_dir=str(records_dir), model_dir=str(model_dir),
                 image_size=IMAGE_SIZE, epochs=6, batch_size=32, shuffle_buffer=1000, verbose=0,
                 # The same run whatever else loads the machine: learning thresholds
                 # must not depend on which batches a busy scheduler hands out first.
@@ -31,14 +32,14 @@ def _tiny_config(records_dir, model_dir, **overrides):
 
 
 @pytest.fixture(scope='session')
-def tiny_config():
-  """tiny_config(records_dir, model_dir, **overrides) -> Config of a short tiny-model run."""
-  return _tiny_config
+def run_config():
+  """run_config(records_dir, model_dir, **overrides) -> Config of a short default run."""
+  return _run_config
 
 
 @pytest.fixture(scope='session')
 def trained_run(synthetic_records, tmp_path_factory):
-  """train_and_evaluate's result for the tiny model on the synthetic records (trained once)."""
+  """train_and_evaluate's result for the default model on the synthetic records (trained once)."""
   from agegender import train  # pylint: disable=g-import-not-at-top
-  model_dir = tmp_path_factory.mktemp('runs') / 'tiny'
-  return train.train_and_evaluate(_tiny_config(synthetic_records, model_dir))
+  model_dir = tmp_path_factory.mktemp('runs') / 'default'
+  return train.train_and_evaluate(_run_config(synthetic_records, model_dir))

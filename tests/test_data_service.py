@@ -263,10 +263,10 @@ def test_a_dispatcher_killed_and_restarted_mid_pass_resumes_and_each_element_arr
 
 # ---- Training through the service ----
 
-def test_the_tiny_model_learns_through_the_service_as_locally(
-    synthetic_records, tiny_config, trained_run, service, tmp_path):
+def test_the_default_model_learns_through_the_service_as_locally(
+    synthetic_records, run_config, trained_run, service, tmp_path):
   from agegender import train  # pylint: disable=g-import-not-at-top
-  config = tiny_config(synthetic_records, tmp_path / 'served', data_service=service,
+  config = run_config(synthetic_records, tmp_path / 'served', data_service=service,
                        tensorboard=False, export=False)
   result = train.train_and_evaluate(config)
   assert [int(row['epoch']) for row in result['history']] == list(range(config.optim.epochs))

@@ -44,7 +44,7 @@ def test_a_run_writes_tensorboard_logs(trained_run):
   assert events
 
 
-def test_the_tiny_model_learns_the_synthetic_faces(trained_run):
+def test_the_default_model_learns_the_synthetic_faces(trained_run):
   metrics = trained_run['metrics']
   baselines = metrics['baselines']
   assert metrics['gender_accuracy'] >= max(0.85, baselines['majority_gender_accuracy'] + 0.25)
@@ -83,9 +83,9 @@ class _EpochsSeen:
 
 
 def test_a_run_killed_with_sigkill_resumes_without_repeating_epochs(
-    synthetic_records, tiny_config, tmp_path):
+    synthetic_records, run_config, tmp_path):
   model_dir = tmp_path / 'killed'
-  config = tiny_config(synthetic_records, model_dir, epochs=4, tensorboard=False, export=False)
+  config = run_config(synthetic_records, model_dir, epochs=4, tensorboard=False, export=False)
   command = [sys.executable, '-m', 'agegender.train', f'--records_dir={synthetic_records}',
              f'--model_dir={model_dir}', '--model=tiny', f'--image_size={config.data.image_size}',
              '--epochs=4', '--batch_size=32', '--shuffle_buffer=1000', '--deterministic',
@@ -388,4 +388,5 @@ def test_the_logged_loss_is_the_sum_of_the_head_losses_on_two_replicas():
   one_device, _ = loop_history(tf.distribute.get_strategy(), epochs=1)
   for key, value in one_device[0].items():
     if not key.startswith('val_'):
-      assert result['history'][0][key] == pytest.approx(value, rel=1e-5), key
+      # Sums in another order differ in the last float bits, and each step carries that on.
+      assert result['history'][0][key] == pytest.approx(value, rel=1e-4), key
