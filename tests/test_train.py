@@ -87,7 +87,7 @@ def test_a_run_killed_with_sigkill_resumes_without_repeating_epochs(
   model_dir = tmp_path / 'killed'
   config = run_config(synthetic_records, model_dir, epochs=4, tensorboard=False, export=False)
   command = [sys.executable, '-m', 'agegender.train', f'--records_dir={synthetic_records}',
-             f'--model_dir={model_dir}', '--model=tiny', f'--image_size={config.data.image_size}',
+             f'--model_dir={model_dir}', f'--image_size={config.data.image_size}',
              '--epochs=4', '--batch_size=32', '--shuffle_buffer=1000', '--deterministic',
              '--verbose=0', '--notensorboard', '--noexport']
   process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
