@@ -23,7 +23,7 @@ def _run_config(records_dir, model_dir, **overrides):
   """A Config of the default recipe and model, sized for the synthetic set."""
   from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
   values = dict(records_dir=str(records_dir), model_dir=str(model_dir),
-                image_size=IMAGE_SIZE, epochs=6, batch_size=32, shuffle_buffer=1000, verbose=0,
+                image_size=IMAGE_SIZE, epochs=4, batch_size=32, shuffle_buffer=1000, verbose=0,
                 # The same run whatever else loads the machine: learning thresholds
                 # must not depend on which batches a busy scheduler hands out first.
                 deterministic=True)

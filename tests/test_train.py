@@ -31,7 +31,7 @@ def test_a_run_writes_every_output_into_model_dir(trained_run):
   model_dir = trained_run['model_dir']
   for name in OUTPUTS:
     assert os.path.isfile(os.path.join(model_dir, name)), name
-  assert _epochs_in_history(model_dir) == list(range(6))
+  assert _epochs_in_history(model_dir) == list(range(4))
   with open(os.path.join(model_dir, 'metrics.json')) as f:
     assert json.load(f) == trained_run['metrics']
 
@@ -121,7 +121,7 @@ def test_a_finished_run_started_again_trains_no_more(trained_run):
   config = _saved_config(trained_run['model_dir'], tensorboard=False, export=False)
   result = train.train_and_evaluate(config)
   assert result['epochs_trained'] == 0
-  assert _epochs_in_history(trained_run['model_dir']) == list(range(6))
+  assert _epochs_in_history(trained_run['model_dir']) == list(range(4))
 
 
 def test_resuming_with_another_model_is_a_configuration_error(trained_run):
