@@ -65,8 +65,8 @@ class ModelConfig:
   model: str = _field('compact_cnn', 'The model to train.', MODELS)
   weights: str = _field('none', 'Initial weights of a keras.applications backbone '
                         '(imagenet: downloaded).', WEIGHTS)
-  filters: tuple[int, ...] = _field((), 'Conv filters per block (empty: 64,128,256; '
-                                    '16,32,64 for tiny).')
+  filters: tuple[int, ...] = _field((), 'Conv filters per block of seed_cnn and tiny '
+                                    '(empty: 64,128,256; 16,32,64 for tiny).')
   dense_units: int = _field(0, 'Units of the dense layer before the heads (0: 256; 32 for tiny).')
   dropout: float = _field(0.5, 'Dropout before the heads.')
   batch_norm: bool = _field(True, 'Batch normalization after each convolution of seed_cnn '
