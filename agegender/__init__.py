@@ -37,8 +37,8 @@ def _import_tensorflow_quietly() -> None:
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Only for the commands (`python -m agegender.X` sets argv[0] to '-m' while it
-# imports this package; console scripts are named agegender-*): a library user
-# importing agegender.labels should not pay for loading TensorFlow.
+# imports this package; console scripts are named agegender-*; runpy launchers set
+# agegender.X): a library user importing agegender.records should not pay for TensorFlow.
 if sys.argv and (sys.argv[0] == '-m' or
-                 os.path.basename(sys.argv[0]).startswith('agegender-')):
+                 os.path.basename(sys.argv[0]).startswith(('agegender-', 'agegender.'))):
   _import_tensorflow_quietly()

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import posixpath
+import re
 from typing import Any
 
 DATASET_NAME = 'utkface'
@@ -51,26 +52,50 @@ INT_KEYS = (AGE, GENDER, RACE)
 GENDER_OUTPUT = 'gender_output'
 AGE_OUTPUT = 'age_output'
 
+# A training run's folder: what training writes and serving reads.
+MODEL_FILE = 'model.keras'
+HISTORY_FILE = 'history.csv'
+CURVES_FILE = 'learning_curves.png'
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+LOGS_DIR = 'logs'
+EXPORT_DIR = 'export'
+
 # Image storage kinds.
 JPEG = 'jpeg'  # JPEG bytes: the source's unchanged (size None) or re-encoded at `size`.
 RAW = 'raw'    # uint8 pixels, size x size x 3, row-major.
 STORAGE_FORMATS = (JPEG, RAW)
 
 
-class RecordsError(Exception):
-  """Records that are missing, incomplete or not in this contract's format."""
-
-
 class ArgumentError(ValueError):
-  """A library call's argument that the caller can fix.
+  """A library call's argument that the caller can fix: the one error type of the stages.
 
-  `argument` names the keyword argument at fault, so an entry point can name
-  its own flag for it; str() says what is wrong, in the library's words.
+  `field` names the keyword argument (or settings field) at fault, so each
+  entry point maps it to its own flag in one table; str() says what is wrong,
+  in the library's words; `hint`, when given, says how to fix it, naming other
+  fields as `{name}` so that an entry point can write them as its flags.
   """
 
-  def __init__(self, argument: str, message: str):
+  def __init__(self, field: str, message: str, hint: str | None = None):
     super().__init__(message)
-    self.argument = argument
+    self.field = field
+    self.hint = hint
+
+  def fix(self, spell=lambda field: field) -> str | None:
+    """The hint with each `{field}` in it written by `spell` (an entry point: its flag)."""
+    if self.hint is None:
+      return None
+    return _FIELD_REFERENCE.sub(lambda match: spell(match.group(1)), self.hint)
+
+
+_FIELD_REFERENCE = re.compile(r'\{(\w+)\}')
+
+
+class RecordsError(ArgumentError):
+  """Records that are missing, incomplete or not in this contract's format."""
+
+  def __init__(self, message: str, hint: str | None = None, field: str = 'records_dir'):
+    super().__init__(field, message, hint)
 
 
 LABEL_STATISTICS_KEYS = ('num_examples', 'mean_age', 'age_std', 'majority_gender',

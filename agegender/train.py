@@ -4,7 +4,7 @@
   python -m agegender.train --model=tiny --image_size=64 --model_dir=runs/demo
   python -m agegender.train --recipe=reference      # the seed notebook's recipe, exactly
 
-Every flag is a field of agegender.config (its name, default and help); a
+Every flag is a field of agegender.training.config (its name, default and help); a
 flag given on the command line overrides the --recipe's value. Everything a
 run writes lands in --model_dir (default runs/<model>):
 
@@ -26,254 +26,38 @@ a temporary folder) and starts from the chief's saved state.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import os
-import tempfile
-from typing import Any, Sequence
+from typing import Any
 
 from absl import flags
-from absl import logging
 
 from agegender import cli
-from agegender import config as config_lib
-from agegender import contract
+from agegender.serving import evaluate
+from agegender.training import config as config_lib
+from agegender.training import loop
 
 RECIPE_HELP = ('A named set of defaults: default (the tuned recipe) or reference (the seed '
                'notebook\'s model, losses and optimizer: no batch norm, MSE in years, Adam 1e-4, '
                'no augmentation).')
 
 
-# ---- Flags, derived from the configuration's fields. ----
-
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Defines one flag per configuration field, and --recipe.
-
-  Not at import: agegender.make_records defines some of the same names.
-  """
-  own = {'flag_values': flag_values}
-  flags.DEFINE_enum('recipe', 'default', list(config_lib.RECIPES), RECIPE_HELP, **own)
-  for name, (_, field) in config_lib.fields().items():
-    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    help_text = field.metadata['help']
-    if 'choices' in field.metadata:
-      flags.DEFINE_enum(name, default, list(field.metadata['choices']), help_text, **own)
-    elif isinstance(default, bool):
-      flags.DEFINE_bool(name, default, help_text, **own)
-    elif isinstance(default, int):
-      flags.DEFINE_integer(name, default, help_text, **own)
-    elif isinstance(default, float):
-      flags.DEFINE_float(name, default, help_text, **own)
-    elif isinstance(default, tuple):
-      flags.DEFINE_list(name, [str(value) for value in default], help_text, **own)
-    else:
-      flags.DEFINE_string(name, default, help_text, **own)
+  """--recipe, and one flag per configuration field."""
+  flags.DEFINE_enum('recipe', 'default', list(config_lib.RECIPES), RECIPE_HELP,
+                    flag_values=flag_values)
+  cli.define_flags(*config_lib.SECTIONS.values(), flag_values=flag_values)
 
 
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> config_lib.Config:
   """The one place where flags become a Config: the recipe, then the flags given."""
   values: dict[str, Any] = {}
-  for name in config_lib.fields():
-    if not flag_values[name].present:
-      continue
-    value = flag_values[name].value
-    if isinstance(value, list):
-      try:
-        value = tuple(int(item) for item in value)
-      except ValueError:
-        raise cli.UsageError(f'--{name} must be integers separated by commas, '
-                             f'got {",".join(value)}') from None
-    values[name] = value
+  for section in config_lib.SECTIONS.values():
+    values.update(cli.flag_values_of(section, flag_values, present_only=True))
   return config_lib.make_config(flag_values['recipe'].value, **values)
 
 
-# ---- The run. ----
-
-def make_strategy(name: str):
-  """The tf.distribute strategy a run trains under: chosen here and nowhere else."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if name == 'multi_worker':
-    if not os.environ.get('TF_CONFIG'):
-      raise contract.ArgumentError('distribution_strategy', 'distribution_strategy=multi_worker '
-                                   'needs the cluster in the TF_CONFIG environment variable')
-    # Before anything else starts TensorFlow's runtime, which it configures for collectives.
-    return tf.distribute.MultiWorkerMirroredStrategy()
-  gpus = tf.config.list_logical_devices('GPU')
-  if name == 'auto':
-    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-  if name == 'one_device':
-    return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else '/cpu:0')
-  return tf.distribute.MirroredStrategy()
-
-
-def split_sizes(manifest: dict[str, Any]) -> dict[str, int]:
-  """Examples per split; raises RecordsError when the records cannot train."""
-  sizes = {split: int(manifest['splits'].get(split, {}).get('num_examples', 0))
-           for split in contract.SPLITS}
-  empty = [split for split, size in sizes.items() if size == 0]
-  if empty:
-    raise contract.RecordsError(
-        f'the records at {manifest["directory"]} have no {" or ".join(empty)} examples; '
-        'convert more images with `python -m agegender.make_records`')
-  return sizes
-
-
-# What a resumed run must share with the run whose state it loads.
-_ARCHITECTURE = ('model', 'image_size')
-
-
-def _check_same_model(config: config_lib.Config, model_dir: str) -> None:
-  """A run with saved state resumes only with the model that state came from."""
-  from agegender import run_state  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.path.join(model_dir, run_state.CHECKPOINT_DIR)):
-    return
-  try:
-    with open(os.path.join(model_dir, 'config.json')) as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
-    return
-  current = json.loads(json.dumps(config_lib.as_dict(config)))  # Tuples as JSON lists.
-  changed = [name for name in current['model'] if saved.get('model', {}).get(name)
-             != current['model'][name]]
-  if saved.get('data', {}).get('image_size') != config.data.image_size:
-    changed.append('image_size')
-  if changed:
-    raise contract.ArgumentError(
-        'model_dir', f'model_dir {model_dir} holds a run of another model ({", ".join(changed)} '
-        'differ); choose another --model_dir, or delete it to start over')
-
-
-def build_task(config: config_lib.Config, statistics: dict[str, Any], steps_per_epoch: int,
-               global_batch_size: int):
-  """The model, optimizer and metrics of a run (call under the strategy's scope)."""
-  from agegender import model as model_lib  # pylint: disable=g-import-not-at-top
-  from agegender import trainer  # pylint: disable=g-import-not-at-top
-  age_unit = statistics['age_std'] if config.optim.age_unit == 'std' else 1.0
-  model = model_lib.build_model(config.model, config.data.image_size,
-                                mean_age=statistics['mean_age'], age_std=age_unit)
-  optimizer = trainer.make_optimizer(config.optim, config.optim.epochs * steps_per_epoch,
-                                     config.model.mixed_precision)
-  optimizer.build(model.trainable_variables)
-  return trainer.Task(model=model, optimizer=optimizer, optim=config.optim,
-                      age_unit=float(age_unit), global_batch_size=global_batch_size,
-                      metrics=trainer.make_metrics(), augment=config.data.augment,
-                      seed=config.data.seed)
-
-
-def fit(config: config_lib.Config, strategy, model_dir: str, *, is_chief: bool,
-        callbacks: Sequence = ()):
-  """Trains (or resumes) under `strategy`, writing to model_dir; returns (task, state, epochs
-  trained by this call)."""
-  import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from agegender import pipeline  # pylint: disable=g-import-not-at-top
-  from agegender import run_state  # pylint: disable=g-import-not-at-top
-  from agegender import shard_reader  # pylint: disable=g-import-not-at-top
-  from agegender import trainer  # pylint: disable=g-import-not-at-top
-  manifest = contract.read_manifest(config.data.records_dir)
-  sizes = split_sizes(manifest)
-  if config.data.batch_size % strategy.num_replicas_in_sync:
-    raise contract.ArgumentError('batch_size', f'batch_size={config.data.batch_size} must '
-                                 'divide evenly '
-                                 f'over {strategy.num_replicas_in_sync} replicas')
-  keras.utils.set_random_seed(config.data.seed)
-  if config.data.deterministic:
-    tf.config.experimental.enable_op_determinism()
-  steps_per_epoch = math.ceil(sizes['train'] / config.data.batch_size)
-  with strategy.scope():
-    task = build_task(config, contract.label_statistics(manifest, 'train'), steps_per_epoch,
-                      config.data.batch_size)
-  state = run_state.RunState(model_dir, task, write_outputs=is_chief,
-                             tensorboard=config.run.tensorboard,
-                             restore_from=None if is_chief else config.model_dir)
-  first_epoch = state.restore()
-  train_data = pipeline.distribute_dataset(
-      lambda context: pipeline.make_dataset(config.data, 'train', training=True,
-                                            input_context=context), strategy)
-  validation_data = pipeline.distribute_dataset(
-      lambda context: pipeline.make_dataset(config.data, 'validation',
-                                            input_context=context), strategy)
-
-  def end_of_epoch(epoch: int, logs: dict, examples: int) -> bool:
-    if examples < sizes['train']:
-      logging.warning('epoch %d trained on %d of the %d training records: %d lost (with a '
-                      'tf.data service worker that stopped, or skipped as corrupt)', epoch + 1,
-                      examples, sizes['train'], sizes['train'] - examples)
-    return state.end_of_epoch(epoch, logs, patience=config.optim.early_stopping_patience,
-                              reduce_lr_patience=config.optim.reduce_lr_patience,
-                              reduce_lr_factor=config.optim.reduce_lr_factor)
-
-  try:
-    trained = trainer.fit(
-        task, strategy, train_data, validation_data, first_epoch=first_epoch,
-        epochs=config.optim.epochs, steps_per_epoch=steps_per_epoch, end_of_epoch=end_of_epoch,
-        steps_per_execution=config.run.steps_per_execution, jit_compile=config.run.jit_compile,
-        verbose=config.run.verbose, callbacks=callbacks)
-  except tf.errors.OpError as e:
-    message = shard_reader.damaged_shard_message(e)
-    if message is None:
-      raise
-    raise shard_reader.DamagedShardError(message) from None
-  return task, state, trained
-
-
-def train_and_evaluate(config: config_lib.Config, callbacks: Sequence = ()) -> dict[str, Any]:
-  """Trains, keeps the best model, evaluates it on the test split and exports it.
-
-  Returns {'model_dir', 'epochs_trained' (this call), 'history' (all epochs'
-  rows), 'metrics' (the test evaluation), 'export_dir' (or None)}. Under
-  multi_worker, a worker other than the chief trains its part and returns
-  model_dir, metrics and export_dir None and no history: the chief writes them.
-  """
-  from agegender import evaluate  # pylint: disable=g-import-not-at-top
-  from agegender import export  # pylint: disable=g-import-not-at-top
-  from agegender import run_state  # pylint: disable=g-import-not-at-top
-  from agegender import shards  # pylint: disable=g-import-not-at-top
-  config_lib.check(config)
-  model_dir = config.model_dir
-  strategy = make_strategy(config.run.distribution_strategy)
-  if not strategy.extended.should_checkpoint:  # Another worker than the chief.
-    with tempfile.TemporaryDirectory(prefix='agegender-worker-') as temporary:
-      _, _, trained = fit(config, strategy, config.run.worker_dir or temporary, is_chief=False,
-                          callbacks=callbacks)
-    return {'model_dir': None, 'epochs_trained': trained, 'history': [], 'metrics': None,
-            'export_dir': None}
-  _check_same_model(config, model_dir)
-  os.makedirs(model_dir, exist_ok=True)
-  shards.write_text(os.path.join(model_dir, run_state.CONFIG_FILE),
-                    json.dumps(config_lib.as_dict(config), indent=2))
-  task, state, trained = fit(config, strategy, model_dir, is_chief=True, callbacks=callbacks)
-  rows = state.history
-  run_state.plot_learning_curves(rows, os.path.join(model_dir, run_state.CURVES_FILE))
-  best_path = os.path.join(model_dir, run_state.MODEL_FILE)
-  if not os.path.exists(best_path):
-    task.model.save(best_path)  # No epoch had a finite validation MAE.
-  best = export.load_keras_model(best_path)
-  metrics = evaluate.evaluate_model(best, config.data.records_dir, split='test',
-                                    output_dir=model_dir)
-  export_dir = None
-  if config.run.export:
-    export_dir = export.export_saved_model(best, os.path.join(model_dir, run_state.EXPORT_DIR))
-  return {'model_dir': model_dir, 'epochs_trained': trained, 'history': rows,
-          'metrics': metrics, 'export_dir': export_dir}
-
-
 def main(argv):
-  from agegender import evaluate  # pylint: disable=g-import-not-at-top
-  from agegender import model as model_lib  # pylint: disable=g-import-not-at-top
-  from agegender import shard_reader  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise cli.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  config = config_from_flags()
-  try:
-    result = train_and_evaluate(config)
-  except contract.ArgumentError as e:
-    raise cli.UsageError(f'--{e}') from None  # Its text starts with the field's (the flag's) name.
-  except shard_reader.DamagedShardError as e:
-    raise cli.UsageError(f'{e}; --skip_corrupt skips corrupt records') from None
-  except model_lib.WeightsUnavailable as e:
-    raise cli.UsageError(f'{e}; check the network or train with --weights=none') from None
+  cli.no_arguments(argv)
+  result = loop.train_and_evaluate(config_from_flags())
   if result['model_dir'] is None:
     print(f'trained {result["epochs_trained"]} epoch(s) as a worker; the chief writes the outputs')
     return 0
@@ -284,7 +68,7 @@ def main(argv):
 
 def console_main():
   define_flags()
-  cli.run(main, extra_errors=(FileNotFoundError,))
+  cli.run(main)
 
 
 if __name__ == '__main__':

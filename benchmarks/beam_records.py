@@ -20,7 +20,8 @@ import platform
 import tempfile
 import time
 
-from agegender import records, synthetic
+from agegender import records
+from agegender.records import synthetic
 
 BEAM_OPTIONS = ('--runner=DirectRunner --direct_num_workers=0 '
                 '--direct_running_mode=multi_processing')
@@ -43,8 +44,8 @@ def main() -> None:
   parser.add_argument('--json', help='also write the results here')
   args = parser.parse_args()
   cores = os.cpu_count() or 1
-  beam = lambda source, out, **kwargs: records.convert(
-      source, out, runner='beam', pipeline_options=BEAM_OPTIONS, **kwargs)
+  beam = lambda source, out, **kwargs: records.build(
+      source, out, runner='beam', beam_pipeline_options=BEAM_OPTIONS, **kwargs)
   best = lambda measure: max(measure() for _ in range(args.repeats))
   with tempfile.TemporaryDirectory() as folder:
     synthetic.write_synthetic_folder(folder, args.count, seed=0)

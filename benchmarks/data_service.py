@@ -2,7 +2,7 @@
 for float32 and uint8 batches, with the service's compression on and off and
 target_workers ANY and LOCAL.
 
-  python benchmarks/data_service.py [--records_dir DIR | --count N] [--json PATH]
+  python benchmarks/service.py [--records_dir DIR | --count N] [--json PATH]
 
 Images per second of the training split, in this process, for each image
 dtype (float32 in [0, 1], today's pipeline output; uint8 pixels, what the
@@ -52,10 +52,10 @@ flags.DEFINE_integer('rounds', 2, 'Rounds; the best counts.')
 flags.DEFINE_float('timeout', 60.0, 'distribute\'s timeout (0: none, TensorFlow\'s client alone).')
 flags.DEFINE_list('dtypes', ['float32', 'uint8'], 'Image dtypes to measure.')
 flags.DEFINE_string('json', os.path.join(os.path.dirname(__file__), 'results',
-                                         'data_service.json'),
+                                         'service.json'),
                     'Write the figures to this JSON file.')
 
-# The pipeline's shuffle buffer and interleave width (agegender.pipeline).
+# The pipeline's shuffle buffer and interleave width (agegender.data.pipeline).
 SHUFFLE_BUFFER = 2_000
 MAX_PARALLEL_SHARDS = 16
 
@@ -126,12 +126,12 @@ class Service:
     self.processes, self.worker = [], None
 
   def __enter__(self) -> str:
-    from agegender import data_service  # pylint: disable=g-import-not-at-top
-    port = data_service.free_port()
+    from agegender.data import service  # pylint: disable=g-import-not-at-top
+    port = service.free_port()
     dispatcher, target = _server('dispatcher', f'--port={port}')
     self.processes.append(dispatcher)
     if self.target_workers == 'LOCAL':
-      self.worker = data_service.start_worker(f'localhost:{port}', data_service.free_port())
+      self.worker = service.start_worker(f'localhost:{port}', service.free_port())
     else:
       self.processes.append(_server('worker', f'--dispatcher=localhost:{port}')[0])
     return target
@@ -145,7 +145,7 @@ class Service:
 
 
 def measure(records_dir: str) -> list[dict]:
-  from agegender import data_service  # pylint: disable=g-import-not-at-top
+  from agegender.data import service  # pylint: disable=g-import-not-at-top
 
   def dataset(dtype):
     return batches(records_dir, dtype, FLAGS.batch_size, FLAGS.image_size)
@@ -163,7 +163,7 @@ def measure(records_dir: str) -> list[dict]:
         for method in methods:
           dtype, target, compression = method
           if target == target_workers:
-            served = data_service.distribute(dataset(dtype), address, compression=compression,
+            served = service.distribute(dataset(dtype), address, compression=compression,
                                              target_workers=target,
                                              timeout=FLAGS.timeout or None)
             rates[method].append(_best_rate(served, FLAGS.epochs))
@@ -189,7 +189,7 @@ def main(argv: list[str]) -> None:
   with tempfile.TemporaryDirectory(prefix='data_service-') as work:
     records_dir = FLAGS.records_dir
     if not records_dir:
-      records.convert('synthetic', work, synthetic_count=FLAGS.count,
+      records.build('synthetic', work, synthetic_count=FLAGS.count,
                       num_shards=FLAGS.num_shards, seed=0, progress=False)
       records_dir = work
     manifest = contract.read_manifest(records_dir)

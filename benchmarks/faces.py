@@ -40,9 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from agegender import contract  # pylint: disable=wrong-import-position
-from agegender import export  # pylint: disable=wrong-import-position
+from agegender.serving import export  # pylint: disable=wrong-import-position
 from agegender import faces  # pylint: disable=wrong-import-position
-from agegender import preprocess  # pylint: disable=wrong-import-position
+from agegender.data import preprocess  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string('records_dir', 'records', 'Records written by agegender.make_records from '
                     'UTKFace, with source JPEG bytes.')

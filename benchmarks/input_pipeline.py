@@ -177,7 +177,7 @@ def measure_floor(images_dir: str, epochs: int) -> dict:
 def measure_decode(images_dir: str, image_size: int, batch_size: int, epochs: int) -> dict:
   """The decode limit: bytes already in memory, decode + resize in tf.data, nothing else."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from agegender import preprocess  # pylint: disable=g-import-not-at-top
+  from agegender.data import preprocess  # pylint: disable=g-import-not-at-top
   start_rss = _rss_mb()
   encoded = _read_all(images_dir)
   dataset = (tf.data.Dataset.from_tensor_slices(encoded)
@@ -191,8 +191,8 @@ def measure_decode(images_dir: str, image_size: int, batch_size: int, epochs: in
 def measure_pipeline(records_dir: str, image_size: int, batch_size: int, epochs: int,
                      shuffle_buffer: int) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
-  from agegender import pipeline  # pylint: disable=g-import-not-at-top
+  from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from agegender.data import pipeline  # pylint: disable=g-import-not-at-top
   start_rss = _rss_mb()
   data = config_lib.DataConfig(records_dir=records_dir, image_size=image_size,
                                batch_size=batch_size, shuffle_buffer=shuffle_buffer)
@@ -238,7 +238,7 @@ def measure_in_child(kind: str, **paths) -> dict:
 # Images and records.
 
 def _write_synthetic_chunk(args) -> None:
-  from agegender import synthetic  # pylint: disable=g-import-not-at-top
+  from agegender.records import synthetic  # pylint: disable=g-import-not-at-top
   path, count, seed = args
   synthetic.write_synthetic_folder(path, count, seed)
 
@@ -295,7 +295,7 @@ def make_records(images_dir: str, records_dir: str, image_format: str,
                  image_size: int | None) -> tuple[str, dict]:
   from agegender import contract  # pylint: disable=g-import-not-at-top
   from agegender import records  # pylint: disable=g-import-not-at-top
-  records.convert(images_dir, records_dir, split=(1.0, 0.0, 0.0), image_format=image_format,
+  records.build(images_dir, records_dir, split=(1.0, 0.0, 0.0), image_format=image_format,
                   image_size=image_size, num_shards=FLAGS.num_shards, skip_if_done=True,
                   progress=False)
   manifest = contract.read_manifest(records_dir)
@@ -404,7 +404,7 @@ def main(argv: list[str]) -> None:
       images_dir, data = FLAGS.source, f'UTKFace JPEGs from {FLAGS.source}'
     else:
       images_dir = synthetic_images(os.path.join(work, 'synthetic'), needed)
-      data = 'synthetic UTKFace-like 200x200 JPEGs (agegender.synthetic)'
+      data = 'synthetic UTKFace-like 200x200 JPEGs (agegender.records.synthetic)'
     speed = speed_comparison(work, images_dir)
     memory = memory_comparison(work, images_dir)
   gpus = speed[-1].get('gpus', 0)

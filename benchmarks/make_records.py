@@ -21,7 +21,7 @@ import platform
 import tempfile
 import time
 
-from agegender import convert
+from agegender.records import convert
 from agegender import records
 
 
@@ -40,7 +40,7 @@ def decode_rate(paths: list[str], pool: concurrent.futures.Executor) -> float:
 def convert_rate(folder: str, count: int, **kwargs) -> float:
   with tempfile.TemporaryDirectory() as out:
     start = time.perf_counter()
-    summary = records.convert(folder, out, progress=False, **kwargs)
+    summary = records.build(folder, out, progress=False, **kwargs)
     elapsed = time.perf_counter() - start
   assert summary['accepted_total'] == count, summary
   return count / elapsed
@@ -56,7 +56,7 @@ def main() -> None:
   # Conversion workers re-import this script (as multiprocessing's forkserver
   # and spawn do), so at the top it imports only what the command line's
   # workers import; the synthetic generator (numpy) would slow their start.
-  from agegender import synthetic  # pylint: disable=g-import-not-at-top
+  from agegender.records import synthetic  # pylint: disable=g-import-not-at-top
   cores = os.cpu_count() or 1
   with tempfile.TemporaryDirectory() as folder:
     synthetic.write_synthetic_folder(folder, args.count, seed=0)

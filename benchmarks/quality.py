@@ -3,7 +3,7 @@
   python benchmarks/quality.py --records_dir=records --recipe=default --epochs=10
   python benchmarks/quality.py --records_dir=records --recipe=reference --epochs=1 --image_size=128
 
-Each run trains with agegender.train.train_and_evaluate (the command line's
+Each run trains with agegender.loop.train_and_evaluate (the command line's
 own run) into --model_dir, then appends one JSON row to --results (recipe,
 model, image size, epochs, wall time, machine, the best epoch's validation
 figures, the test split's gender accuracy, age MAE and CS@5, and the
@@ -24,7 +24,8 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from agegender import config as config_lib  # pylint: disable=wrong-import-position
+from agegender.training import loop
+from agegender.training import config as config_lib  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string('records_dir', 'records', 'Records written by agegender.make_records.')
 flags.DEFINE_enum('recipe', 'default', list(config_lib.RECIPES), 'The recipe to train.')
@@ -69,7 +70,7 @@ def parse_values(settings: list[str]) -> dict:
 def run(recipe: str, epochs: int, image_size: int, records_dir: str, model: str | None,
         model_dir: str | None, verbose: int, settings: dict | None = None) -> dict:
   """Trains one recipe and returns its row."""
-  from agegender import train  # pylint: disable=g-import-not-at-top
+  from agegender.training import loop  # pylint: disable=g-import-not-at-top
   values = {'epochs': epochs, 'image_size': image_size, 'records_dir': records_dir,
             'verbose': verbose, **(settings or {})}
   if model:
@@ -79,7 +80,7 @@ def run(recipe: str, epochs: int, image_size: int, records_dir: str, model: str 
   name = f'{label}-{config.model.model}-{image_size}px-{epochs}ep'
   config = config_lib.replace(config, model_dir=model_dir or os.path.join('runs', 'quality', name))
   start = time.perf_counter()
-  result = train.train_and_evaluate(config)
+  result = loop.train_and_evaluate(config)
   wall = time.perf_counter() - start
   best = min(result['history'], key=lambda row: row['val_age_output_mae'])
   metrics = result['metrics']

@@ -27,9 +27,9 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from agegender import evaluate  # pylint: disable=wrong-import-position
-from agegender import export  # pylint: disable=wrong-import-position
-from agegender import lite  # pylint: disable=wrong-import-position
+from agegender.serving import evaluate  # pylint: disable=wrong-import-position
+from agegender.serving import export  # pylint: disable=wrong-import-position
+from agegender.serving import lite  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string('records_dir', 'records', 'Records written by agegender.make_records.')
 flags.DEFINE_string('model_dir', None, 'The run: model.keras and, from export --tflite, the '

@@ -7,7 +7,7 @@
 
 For every model and variant (precision, with or without XLA) the model trains
 through the project's own loop, `trainer.step_function` over
-`trainer.train_step` on `train.make_strategy('one_device')` (the first GPU, or
+`trainer.train_step` on `loop.make_strategy('one_device')` (the first GPU, or
 the CPU), with the dataset placed by `pipeline.distribute_dataset`, exactly as
 `trainer.fit` runs it, fed:
 
@@ -108,7 +108,7 @@ def parse_variant(variant: str) -> tuple[str, bool]:
 
 def resolve_models(names: list[str]) -> list[str]:
   """Model names with 'default' replaced by the configuration's default, each once."""
-  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
+  from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top
   default = config_lib.ModelConfig().model
   resolved = [default if name == 'default' else name for name in names]
   unknown = [name for name in resolved if name not in config_lib.MODELS]
@@ -149,7 +149,7 @@ def convert_storages(source: str, storages: list[str], work_dir: str,
   for storage in storages:
     records_dir = os.path.join(work_dir, f'{name}-{storage.replace("@", "-")}')
     start = time.monotonic()
-    summary = records.convert(source, records_dir, synthetic_count=synthetic_count,
+    summary = records.build(source, records_dir, synthetic_count=synthetic_count,
                               skip_if_done=True, progress=False, **parse_storage(storage))
     print(f'records: {source} as {storage} in {records_dir} '
           f'({"up to date" if summary.get("up_to_date") else "converted"}, '
@@ -217,7 +217,7 @@ def batch_bytes(batch) -> tuple[int, int]:
 # ---- The measurement. ----
 
 def _data_config(records_dir: str, batch_size: int, image_size: int):
-  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
+  from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top
   return config_lib.DataConfig(records_dir=records_dir, image_size=image_size,
                                batch_size=batch_size)
 
@@ -232,7 +232,7 @@ def _training_batches(records_dir: str, batch_size: int, image_size: int):
   step again; `ensure_shape` costs microseconds a batch.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from agegender import pipeline  # pylint: disable=g-import-not-at-top
+  from agegender.data import pipeline  # pylint: disable=g-import-not-at-top
   shape = [batch_size, image_size, image_size, 3]
   dataset = pipeline.make_dataset(_data_config(records_dir, batch_size, image_size), 'train',
                                   training=True, drop_remainder=True)
@@ -261,11 +261,11 @@ def measure_cell(model_name: str, precision: str, xla: bool, inputs: dict[str, d
   `rounds` rounds; one row per storage, each with the variant's in-memory rate."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
+  from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from agegender import contract  # pylint: disable=g-import-not-at-top
-  from agegender import pipeline  # pylint: disable=g-import-not-at-top
-  from agegender import train  # pylint: disable=g-import-not-at-top
-  from agegender import trainer  # pylint: disable=g-import-not-at-top
+  from agegender.data import pipeline  # pylint: disable=g-import-not-at-top
+  from agegender.training import loop  # pylint: disable=g-import-not-at-top
+  from agegender.training import trainer  # pylint: disable=g-import-not-at-top
   first = next(iter(inputs.values()))
   config = config_lib.make_config(
       records_dir=first['records_dir'], image_size=image_size, batch_size=batch_size,
@@ -273,10 +273,10 @@ def measure_cell(model_name: str, precision: str, xla: bool, inputs: dict[str, d
       verbose=0)
   config_lib.check(config)
   keras.utils.set_random_seed(config.data.seed)
-  strategy = train.make_strategy('one_device')
+  strategy = loop.make_strategy('one_device')
   manifest = contract.read_manifest(first['records_dir'])
   with strategy.scope():
-    task = train.build_task(config, contract.label_statistics(manifest, 'train'),
+    task = loop.build_task(config, contract.label_statistics(manifest, 'train'),
                             steps_per_epoch=warmup + steps, global_batch_size=batch_size)
   run_steps = trainer.step_function(task, strategy, trainer.train_step,
                                     config.run.steps_per_execution, config.run.jit_compile)
@@ -318,7 +318,7 @@ def run_matrix(storages: dict[str, str], models: list[str], variants: list[str],
   longest = 0.0
   result: dict[str, Any] = {
       'device': device_name(), 'tensorflow': tf.__version__,
-      'loop': 'agegender.trainer.step_function(train_step) on train.make_strategy("one_device")',
+      'loop': 'agegender.training.trainer.step_function(train_step) on loop.make_strategy("one_device")',
       'batch_size': batch_size, 'image_size': image_size, 'warmup': warmup, 'steps': steps,
       'input_steps': input_steps, 'rounds': rounds,
       'matrix': {'models': models, 'storages': list(storages), 'variants': variants},

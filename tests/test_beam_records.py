@@ -16,8 +16,16 @@ import tensorflow_datasets as tfds
 from absl import flags
 from absl.testing import flagsaver
 
-from agegender import cli, contract, convert, labels, make_records, output, records, shards
-from agegender import synthetic
+from agegender import files
+from agegender import cli
+from agegender import contract
+from agegender.records import convert
+from agegender.records import labels
+from agegender import make_records
+from agegender.records import publish
+from agegender import records
+from agegender.records import shards
+from agegender.records import synthetic
 
 import folders  # tests/folders.py
 
@@ -76,8 +84,8 @@ def outputs(tmp_path_factory):
   kwargs = dict(synthetic_count=60, seed=3, shard_size_mb=0.05)
   for runner in ('local', 'beam'):
     out = str(root / f'synthetic-{runner}')
-    summary = records.convert('synthetic', out, progress=False, runner=runner,
-                              pipeline_options=BEAM_OPTIONS, **kwargs)
+    summary = records.build('synthetic', out, progress=False, runner=runner,
+                              beam_pipeline_options=BEAM_OPTIONS, **kwargs)
     result['synthetic'][runner] = (contract.dataset_dir(out), summary)
 
   # The folder through the command line, printout included.
@@ -95,10 +103,10 @@ def outputs(tmp_path_factory):
 def test_shards_and_tfds_metadata_are_byte_identical(outputs, source):
   local, beam = (folders.read_folder(outputs[source][runner][0]) for runner in ('local', 'beam'))
   assert local.keys() == beam.keys()
-  assert not [name for name in beam if name.startswith(shards.TEMP_PREFIX)]
+  assert not [name for name in beam if name.startswith(files.TEMP_PREFIX)]
   shard_names = [name for name in local if '.tfrecord-' in name]
   assert len(shard_names) > len(contract.SPLITS)  # Several shards in some split.
-  for name in shard_names + list(output.TFDS_FILES):
+  for name in shard_names + list(publish.TFDS_FILES):
     assert beam[name] == local[name], name
   assert _without_timings(beam[contract.MANIFEST_NAME]) == _without_timings(
       local[contract.MANIFEST_NAME])
@@ -177,7 +185,7 @@ def test_without_beam_the_beam_runner_says_how_to_install_it(monkeypatch, tmp_pa
 def test_a_beam_run_that_finds_nothing_keeps_the_existing_records(outputs, tmp_path):
   del outputs  # Only for its skip where Beam is missing.
   out = str(tmp_path / 'records')
-  records.convert('synthetic', out, synthetic_count=12, progress=False)
+  records.build('synthetic', out, synthetic_count=12, progress=False)
   before = folders.read_folder(contract.dataset_dir(out))
   bad = folders.write_folder(tmp_path / 'bad', {'notes.txt': b'no faces here',
                                          '30_0_0_20170101000000002.jpg': b''})

@@ -5,7 +5,8 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agegender import contract, labels
+from agegender import contract
+from agegender.records import labels
 
 
 def _tensorflow_example(image, age, gender, race, file_name):

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from agegender import config as config_lib
+from agegender.training import loop
+from agegender.training import config as config_lib
 from agegender import contract
-from agegender import data_service
-from agegender import pipeline
+from agegender.data import service as data_service
+from agegender.data import pipeline
 from agegender import records
 
 SIZE = 32
@@ -29,7 +30,7 @@ HANG_GUARD_S = 120
 @pytest.fixture(scope='module')
 def shard_records(tmp_path_factory):
   root = tmp_path_factory.mktemp('service_records')
-  records.convert('synthetic', str(root), image_size=SIZE, num_shards=SHARDS,
+  records.build('synthetic', str(root), image_size=SIZE, num_shards=SHARDS,
                   synthetic_count=COUNT, seed=1, progress=False)
   return str(root)
 
@@ -268,7 +269,7 @@ def test_the_default_model_learns_through_the_service_as_locally(
   from agegender import train  # pylint: disable=g-import-not-at-top
   config = run_config(synthetic_records, tmp_path / 'served', data_service=service,
                        tensorboard=False, export=False)
-  result = train.train_and_evaluate(config)
+  result = loop.train_and_evaluate(config)
   assert [int(row['epoch']) for row in result['history']] == list(range(config.optim.epochs))
   metrics, local = result['metrics'], trained_run['metrics']
   baselines = metrics['baselines']

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from agegender import contract
-from agegender import evaluate
+from agegender.serving import evaluate
 
 # Four faces whose errors are worked out by hand below.
 TRUE_AGE = [5, 15, 25, 95]

@@ -13,13 +13,13 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from agegender import config as config_lib
+from agegender.training import config as config_lib
 from agegender import contract
-from agegender import export
-from agegender import pipeline
-from agegender import predict
-from agegender import preprocess
-from agegender import synthetic
+from agegender.serving import export
+from agegender.data import pipeline
+from agegender.serving import predict
+from agegender.data import preprocess
+from agegender.records import synthetic
 
 BATCH = 32
 

@@ -11,10 +11,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from agegender import config as config_lib
+from agegender.training import config as config_lib
 from agegender import faces
-from agegender import model as model_lib
-from agegender import predict
+from agegender.training import model as model_lib
+from agegender.serving import predict
 
 SIZE = 64
 # Hand-marked in skimage.data.astronaut() (512x512): Eileen Collins' eyes and mouth.

@@ -31,7 +31,7 @@ def test_quick_gpu_check_writes_a_row_per_cell(tmp_path):
   with open(tmp_path / 'gpu_check_quick.json') as f:
     result = json.load(f)
   matrix = result['matrix']
-  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
+  from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top
   assert matrix['models'] == list(dict.fromkeys([config_lib.ModelConfig().model, 'seed_cnn']))
   assert matrix['storages'] == QUICK_STORAGES
   assert result['skipped'] == []

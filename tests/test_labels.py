@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agegender import labels
-from agegender.labels import LabelError, Labels, parse_utkface_name, utkface_name
+from agegender.records import labels
+from agegender.records.labels import LabelError, Labels, parse_utkface_name, utkface_name
 
 
 @pytest.mark.parametrize('name, expected', [

@@ -18,7 +18,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from agegender import contract, convert, output, records, shards, synthetic
+from agegender import files
+from agegender import contract
+from agegender.records import convert
+from agegender.records import publish
+from agegender import records
+from agegender.records import shards
+from agegender.records import synthetic
 
 import folders  # tests/folders.py
 
@@ -60,7 +66,7 @@ def test_a_member_over_the_size_bound_is_rejected_unread_and_counted(tmp_path, f
       for _ in range(8):
         member.write(bytes(2**20))
   out = str(tmp_path / 'out')
-  summary = records.convert(str(path), out, max_file_mb=1, workers=1, progress=False)
+  summary = records.build(str(path), out, max_file_mb=1, workers=1, progress=False)
   assert summary['rejected'] == {convert.TOO_LARGE: 1}
   assert summary['accepted_total'] == len(faces)
   assert 'file too large 1' in records.format_summary(summary)
@@ -74,7 +80,7 @@ def test_a_huge_image_is_downscaled_within_the_pixel_bound_and_says_so(tmp_path,
   out = str(tmp_path / 'out')
   with warnings.catch_warnings():
     warnings.simplefilter('error')  # PIL's DecompressionBombWarning must not escape.
-    summary = records.convert(folder, out, workers=1, progress=False)
+    summary = records.build(folder, out, workers=1, progress=False)
   assert summary['downscaled'] == 1 and summary['accepted_total'] == len(faces) + 1
   assert 'downscaled: 1' in records.format_summary(summary)
   manifest = contract.read_manifest(out)
@@ -90,7 +96,7 @@ def test_downscaling_decodes_at_a_reduced_scale_so_memory_stays_near_the_bound(t
   path.write_bytes(huge_jpeg)
   # VmHWM, this process's peak, which (unlike ru_maxrss) does not inherit pytest's own.
   script = textwrap.dedent(f'''
-      from agegender import convert
+      from agegender.records import convert
       data = open({str(path)!r}, 'rb').read()
       result = convert.convert_image({HUGE_NAME!r}, data, convert.ConvertOptions())
       assert result.downscaled_from == ({HUGE_SIDE}, {HUGE_SIDE}), result
@@ -108,7 +114,7 @@ def test_downscaling_decodes_at_a_reduced_scale_so_memory_stays_near_the_bound(t
 def test_a_huge_image_can_be_rejected_instead(tmp_path, faces, huge_jpeg):
   folder = folders.write_folder(tmp_path / 'src', {**faces, HUGE_NAME: huge_jpeg})
   out = str(tmp_path / 'out')
-  summary = records.convert(folder, out, large_images='reject', workers=1, progress=False)
+  summary = records.build(folder, out, large_images='reject', workers=1, progress=False)
   assert summary['rejected'] == {convert.TOO_MANY_PIXELS: 1}
   assert summary['downscaled'] == 0
   # Only JPEGs decode at a reduced scale; a large PNG is rejected in either mode.
@@ -120,7 +126,7 @@ def test_a_huge_image_can_be_rejected_instead(tmp_path, faces, huge_jpeg):
 
 def test_a_full_disk_removes_the_partial_shard_and_keeps_complete_records(tmp_path, faces):
   out = str(tmp_path / 'records')
-  records.convert(folders.write_folder(tmp_path / 'small', faces), out, workers=1,
+  records.build(folders.write_folder(tmp_path / 'small', faces), out, workers=1,
                   progress=False)
   before = folders.read_folder(contract.dataset_dir(out))
   bigger = str(tmp_path / 'bigger')
@@ -138,13 +144,14 @@ def test_a_full_disk_removes_the_partial_shard_and_keeps_complete_records(tmp_pa
   assert done.returncode == 2 and len(lines) == 1, done.stderr
   assert 'could not write the records' in lines[0] and '--records_dir' in lines[0]
   assert folders.read_folder(contract.dataset_dir(out)) == before
-  leftovers = [n for n in _all_names(out) if n.startswith(shards.TEMP_PREFIX)]
-  assert leftovers == [] and output.LOCK_NAME not in _all_names(out)
+  leftovers = [n for n in _all_names(out) if n.startswith(files.TEMP_PREFIX)]
+  assert leftovers == [] and publish.LOCK_NAME not in _all_names(out)
 
 
 _KILLED_RUN = '''
 import os, signal, sys
-from agegender import records, shards
+from agegender import records
+from agegender.records import shards
 
 write_shard = shards.write_shard
 
@@ -159,7 +166,7 @@ def write_shard_and_die_in_the_second(directory, split, index, num_shards, examp
   return write_shard(directory, split, index, num_shards, examples)
 
 shards.write_shard = write_shard_and_die_in_the_second
-records.convert(sys.argv[1], sys.argv[2], num_shards=3, overwrite=True, workers=1,
+records.build(sys.argv[1], sys.argv[2], num_shards=3, overwrite=True, workers=1,
                 progress=False)
 '''
 
@@ -167,7 +174,7 @@ records.convert(sys.argv[1], sys.argv[2], num_shards=3, overwrite=True, workers=
 def test_a_killed_run_leaves_complete_records_and_a_stale_lock_the_rerun_takes(tmp_path,
                                                                                faces):
   out, clean = str(tmp_path / 'records'), str(tmp_path / 'clean')
-  records.convert('synthetic', out, synthetic_count=8, workers=1, progress=False)
+  records.build('synthetic', out, synthetic_count=8, workers=1, progress=False)
   before = folders.read_folder(contract.dataset_dir(out))
   folder = folders.write_folder(tmp_path / 'src', faces)
 
@@ -176,33 +183,33 @@ def test_a_killed_run_leaves_complete_records_and_a_stale_lock_the_rerun_takes(t
   assert killed.returncode == -9, killed.stderr
   assert folders.read_folder(contract.dataset_dir(out)) == before  # Still complete and readable.
   contract.read_manifest(out)
-  assert output.LOCK_NAME in os.listdir(out)  # Left behind by the killed run...
-  staging = output.staging_dir(contract.dataset_dir(out))
-  assert any(n.startswith(shards.TEMP_PREFIX) for n in os.listdir(staging))
+  assert publish.LOCK_NAME in os.listdir(out)  # Left behind by the killed run...
+  staging = publish.staging_dir(contract.dataset_dir(out))
+  assert any(n.startswith(files.TEMP_PREFIX) for n in os.listdir(staging))
 
   # ...and recognised as stale: the rerun takes the lock and finishes.
-  records.convert(folder, out, num_shards=3, overwrite=True, workers=1, progress=False)
-  records.convert(folder, clean, num_shards=3, workers=1, progress=False)
+  records.build(folder, out, num_shards=3, overwrite=True, workers=1, progress=False)
+  records.build(folder, clean, num_shards=3, workers=1, progress=False)
   rerun = folders.read_folder(contract.dataset_dir(out))
   expected = folders.read_folder(contract.dataset_dir(clean))
   assert rerun.keys() == expected.keys()
   for name in expected:
     if name != contract.MANIFEST_NAME:
       assert rerun[name] == expected[name], name
-  assert not os.path.exists(staging) and output.LOCK_NAME not in os.listdir(out)
+  assert not os.path.exists(staging) and publish.LOCK_NAME not in os.listdir(out)
 
 
 def test_a_second_writer_stops_with_an_error_naming_the_first(tmp_path):
   out = str(tmp_path / 'records')
-  with output.records_lock(out):
+  with publish.records_lock(out):
     with pytest.raises(contract.ArgumentError) as raised:
-      records.convert('synthetic', out, synthetic_count=5, workers=1, progress=False)
+      records.build('synthetic', out, synthetic_count=5, workers=1, progress=False)
   message = str(raised.value)
-  assert raised.value.argument == 'records_dir'
+  assert raised.value.field == 'records_dir'
   assert f'pid {os.getpid()} on host {socket.gethostname()}' in message
-  assert output.LOCK_NAME in message
+  assert publish.LOCK_NAME in message
   assert not os.path.exists(contract.dataset_dir(out))
   # Once the first writer is done, the second one runs.
-  assert records.convert('synthetic', out, synthetic_count=5, workers=1,
+  assert records.build('synthetic', out, synthetic_count=5, workers=1,
                          progress=False)['accepted_total'] == 5
   assert os.listdir(out) == [contract.DATASET_NAME]

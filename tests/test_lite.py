@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from agegender import config as config_lib
+from agegender.training import config as config_lib
 from agegender import contract
-from agegender import lite
-from agegender import model as model_lib
-from agegender import predict
-from agegender import synthetic
+from agegender.serving import lite
+from agegender.training import model as model_lib
+from agegender.serving import predict
+from agegender.records import synthetic
 
 SIZE = 64
 
@@ -41,7 +41,7 @@ def _command(module, *args, prelude=''):
 
 def _images(count=12, seed=0):
   """Synthetic faces and plain noise, as the model's uint8 input."""
-  from agegender import preprocess  # pylint: disable=g-import-not-at-top
+  from agegender.data import preprocess  # pylint: disable=g-import-not-at-top
   faces = [preprocess.preprocess_encoded_image(jpeg, SIZE).numpy()
            for _, jpeg in synthetic.generate_synthetic(count // 2, seed=seed)]
   noise = np.random.default_rng(seed).integers(0, 256, (count - len(faces), SIZE, SIZE, 3),

@@ -9,7 +9,9 @@ import requests
 from absl import flags
 from absl.testing import flagsaver
 
-from agegender import cli, contract, make_records
+from agegender import cli
+from agegender import contract
+from agegender import make_records
 
 FLAG_NAMES = ('source', 'records_dir', 'split', 'image_format', 'image_size', 'jpeg_quality',
               'shard_size_mb', 'num_shards', 'workers', 'synthetic_count', 'seed',

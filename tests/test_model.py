@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from agegender import config as config_lib
+from agegender.training import config as config_lib
 from agegender import contract
-from agegender import export
-from agegender import model as model_lib
-from agegender import trainer
+from agegender.serving import export
+from agegender.training import model as model_lib
+from agegender.training import trainer
 
 
 def build(name='tiny', image_size=32, *, mean_age=0.0, age_std=1.0, **fields):
@@ -152,13 +152,13 @@ def test_imagenet_weights_that_cannot_be_downloaded_raise_weights_unavailable(mo
 def test_bad_model_configurations_are_argument_errors_naming_the_field(fields, name, message):
   with pytest.raises(contract.ArgumentError, match=message) as error:
     config_lib.check(config_lib.make_config(**fields))
-  assert error.value.argument == name and str(error.value).startswith(f'{name} ')
+  assert error.value.field == name and str(error.value).startswith(f'{name} ')
 
 
 def test_an_unknown_age_loss_is_an_argument_error():
   with pytest.raises(contract.ArgumentError, match='age_loss must be one of huber, mae, mse') as e:
     config_lib.check(config_lib.make_config(age_loss='l3'))
-  assert e.value.argument == 'age_loss'
+  assert e.value.field == 'age_loss'
 
 
 @pytest.mark.parametrize('age_loss', config_lib.AGE_LOSSES)

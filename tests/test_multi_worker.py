@@ -17,9 +17,9 @@ import pytest
 
 import runs  # tests/runs.py
 
-from agegender import config as config_lib
+from agegender.training import config as config_lib
 from agegender import contract
-from agegender import pipeline
+from agegender.data import pipeline
 from agegender import records
 
 SIZE = 32
@@ -31,7 +31,7 @@ WORKERS = 2
 @pytest.fixture(scope='module')
 def cluster_records(tmp_path_factory):
   root = tmp_path_factory.mktemp('cluster_records')
-  records.convert('synthetic', str(root), image_size=SIZE, num_shards=SHARDS,
+  records.build('synthetic', str(root), image_size=SIZE, num_shards=SHARDS,
                   synthetic_count=COUNT, seed=2, progress=False)
   return str(root)
 
@@ -84,7 +84,7 @@ def _finish(processes, timeout=240):
 def one_shard_records(tmp_path_factory):
   """Records whose training split is one shard: fewer shards than workers."""
   root = tmp_path_factory.mktemp('one_shard_records')
-  records.convert('synthetic', str(root), image_size=SIZE, num_shards=1,
+  records.build('synthetic', str(root), image_size=SIZE, num_shards=1,
                   synthetic_count=COUNT, seed=2, progress=False)
   return str(root)
 

@@ -19,13 +19,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from agegender import config as config_lib
+from agegender.training import config as config_lib
 from agegender import contract
-from agegender import model as model_lib
-from agegender import pipeline
-from agegender import preprocess
-from agegender import shard_reader
-from agegender import trainer
+from agegender.training import model as model_lib
+from agegender.data import pipeline
+from agegender.data import preprocess
+from agegender.data import shard_reader
+from agegender.training import trainer
 
 SIZE = 32            # Target size in these tests, small for speed.
 SHARDS = 3

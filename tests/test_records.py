@@ -15,8 +15,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from agegender import contract, convert, labels, local_runner, records
-from agegender import synthetic
+from agegender import contract
+from agegender.records import convert
+from agegender.records import labels
+from agegender.records.runners import local
+from agegender import records
+from agegender.records import synthetic
 
 import folders  # tests/folders.py
 
@@ -129,7 +133,7 @@ def test_kaggle_layout_with_duplicates_and_bad_files(tmp_path, faces):
   for name in sorted(faces)[:5]:
     files[f'crop_part1/{name}'] = faces[name]
   files.update(folders.bad_files(faces))
-  summary = records.convert(folders.write_folder(tmp_path / 'src', files), str(tmp_path / 'out'),
+  summary = records.build(folders.write_folder(tmp_path / 'src', files), str(tmp_path / 'out'),
                             progress=False)
 
   assert summary['accepted_total'] == len(faces)
@@ -158,7 +162,7 @@ def test_archives_give_the_folders_records(tmp_path, faces):
   outputs = []
   for source in (folder, tmp_path / 'faces.tar.gz', tmp_path / 'faces.zip'):
     out = tmp_path / f'out-{len(outputs)}'
-    records.convert(str(source), str(out), num_shards=2, progress=False)
+    records.build(str(source), str(out), num_shards=2, progress=False)
     outputs.append(folders.read_folder(contract.dataset_dir(str(out))))
   shards = [{k: v for k, v in files.items() if '.tfrecord-' in k} for files in outputs]
   assert len(shards[0]) == 6
@@ -170,7 +174,7 @@ def test_reruns_are_byte_identical_and_shards_ordered_by_hash(tmp_path, faces):
   outputs = []
   for workers in (1, 3):
     out = str(tmp_path / f'out-{workers}')
-    records.convert(folder, out, shard_size_mb=0.02, workers=workers, progress=False)
+    records.build(folder, out, shard_size_mb=0.02, workers=workers, progress=False)
     outputs.append(contract.dataset_dir(out))
   first, second = (folders.read_folder(d) for d in outputs)
   first.pop(contract.MANIFEST_NAME), second.pop(contract.MANIFEST_NAME)
@@ -195,7 +199,7 @@ def test_splits_are_stable_under_renaming_and_adding(tmp_path, faces):
   splits = []
   for source in (before, after):
     out = str(tmp_path / f'out-{len(splits)}')
-    records.convert(source, out, progress=False)
+    records.build(source, out, progress=False)
     splits.append({row['image']: split for split in contract.SPLITS
                    for row in _read_split(out, split)})
   assert len(splits[1]) == len(faces) + len(more)
@@ -204,18 +208,18 @@ def test_splits_are_stable_under_renaming_and_adding(tmp_path, faces):
 
 def test_existing_output_is_kept_unless_asked(tmp_path):
   out = str(tmp_path / 'out')
-  records.convert('synthetic', out, synthetic_count=20, progress=False)
+  records.build('synthetic', out, synthetic_count=20, progress=False)
   with pytest.raises(contract.ArgumentError, match='already exist') as raised:
-    records.convert('synthetic', out, synthetic_count=20, progress=False)
-  assert raised.value.argument == 'overwrite'
-  up_to_date = records.convert('synthetic', out, synthetic_count=20, skip_if_done=True,
+    records.build('synthetic', out, synthetic_count=20, progress=False)
+  assert raised.value.field == 'overwrite'
+  up_to_date = records.build('synthetic', out, synthetic_count=20, skip_if_done=True,
                                progress=False)
   assert up_to_date['up_to_date'] and 'up to date' in records.format_summary(up_to_date)
   with pytest.raises(contract.ArgumentError, match=r'synthetic_count=20 \(now 21\)'):
-    records.convert('synthetic', out, synthetic_count=21, skip_if_done=True, progress=False)
+    records.build('synthetic', out, synthetic_count=21, skip_if_done=True, progress=False)
   with pytest.raises(contract.ArgumentError, match='source'):
-    records.convert(str(tmp_path), out, skip_if_done=True, progress=False)
-  replaced = records.convert('synthetic', out, synthetic_count=21, overwrite=True,
+    records.build(str(tmp_path), out, skip_if_done=True, progress=False)
+  replaced = records.build('synthetic', out, synthetic_count=21, overwrite=True,
                              progress=False)
   assert replaced['accepted_total'] == 21 and not replaced['up_to_date']
 
@@ -223,16 +227,16 @@ def test_existing_output_is_kept_unless_asked(tmp_path):
 def test_nothing_valid_is_an_error_and_writes_nothing(tmp_path, faces):
   folder = folders.write_folder(tmp_path / 'src', folders.bad_files(faces))
   with pytest.raises(contract.ArgumentError, match='no valid images.*all 5 files rejected'):
-    records.convert(folder, str(tmp_path / 'out'), progress=False)
+    records.build(folder, str(tmp_path / 'out'), progress=False)
   assert [files for _, _, files in os.walk(tmp_path / 'out') if files] == []
   with pytest.raises(contract.ArgumentError, match='no files found'):
-    records.convert(folders.write_folder(tmp_path / 'empty', {}), str(tmp_path / 'out'), progress=False)
+    records.build(folders.write_folder(tmp_path / 'empty', {}), str(tmp_path / 'out'), progress=False)
 
 
 @pytest.mark.parametrize('image_format, image_size', [('jpeg', None), ('jpeg', 32), ('raw', 32)])
 def test_tfds_reads_the_records(tmp_path, image_format, image_size):
   out = str(tmp_path / 'out')
-  records.convert('synthetic', out, synthetic_count=30, image_format=image_format,
+  records.build('synthetic', out, synthetic_count=30, image_format=image_format,
                   image_size=image_size, progress=False)
   ours = _read_split(out, 'train')
   builder = tfds.builder_from_directory(contract.dataset_dir(out))
@@ -255,14 +259,14 @@ def test_bad_arguments_name_the_argument_and_no_flag(tmp_path):
       ({'label_conflicts': 'vote'}, 'label_conflicts', 'drop, keep_first'),
       ({'max_file_mb': 0}, 'max_file_mb', 'positive')):
     with pytest.raises(contract.ArgumentError, match=message) as raised:
-      records.convert('synthetic', str(tmp_path), synthetic_count=5, **kwargs)
-    assert raised.value.argument == argument and '--' not in str(raised.value)
+      records.build('synthetic', str(tmp_path), synthetic_count=5, **kwargs)
+    assert raised.value.field == argument and '--' not in str(raised.value)
   assert not os.path.exists(tmp_path / 'utkface')
 
 
 def test_workers_are_processes_without_tensorflow():
   assert 'tensorflow' in sys.modules  # Loaded here, as in every command.
-  with local_runner.process_pool(2) as pool:
+  with local.process_pool(2) as pool:
     pid, loaded = pool.submit(
         eval, "__import__('os').getpid(), 'tensorflow' in __import__('sys').modules").result()
   assert pid != os.getpid() and not loaded
@@ -270,8 +274,8 @@ def test_workers_are_processes_without_tensorflow():
 
 def test_the_process_pool_converts_as_one_process_does(faces):
   stream = list(faces.items()) + list(folders.bad_files(faces).items())
-  alone = list(local_runner.convert_stream(stream, OPTIONS, workers=1))
-  assert list(local_runner.convert_stream(stream, OPTIONS, workers=2, chunk_size=3)) == alone
+  alone = list(local.convert_stream(stream, OPTIONS, workers=1))
+  assert list(local.convert_stream(stream, OPTIONS, workers=2, chunk_size=3)) == alone
   assert [r.name for r in alone] == [name for name, _ in stream]
 
 
@@ -297,7 +301,7 @@ def _folder_with_agreeing_and_disagreeing_copies(root, faces):
 def test_a_picture_whose_copies_disagree_is_dropped_and_listed(tmp_path, faces):
   folder, conflicts = _folder_with_agreeing_and_disagreeing_copies(tmp_path / 'src', faces)
   out = str(tmp_path / 'out')
-  summary = records.convert(folder, out, workers=1, progress=False)
+  summary = records.build(folder, out, workers=1, progress=False)
 
   assert summary['accepted_total'] == len(faces) - 2
   assert (summary['duplicates'], summary['label_conflicts'],
@@ -316,7 +320,7 @@ def test_a_picture_whose_copies_disagree_is_dropped_and_listed(tmp_path, faces):
 def test_keeping_the_first_copy_of_a_conflict_keeps_its_smallest_name(tmp_path, faces):
   folder, conflicts = _folder_with_agreeing_and_disagreeing_copies(tmp_path / 'src', faces)
   out = str(tmp_path / 'out')
-  summary = records.convert(folder, out, label_conflicts='keep_first', workers=1,
+  summary = records.build(folder, out, label_conflicts='keep_first', workers=1,
                             progress=False)
 
   assert summary['accepted_total'] == len(faces)
@@ -332,7 +336,7 @@ def test_keeping_the_first_copy_of_a_conflict_keeps_its_smallest_name(tmp_path, 
 
 def test_the_manifest_holds_each_splits_label_statistics(tmp_path):
   out = str(tmp_path / 'out')
-  records.convert('synthetic', out, synthetic_count=60, seed=2, split=(0.5, 0.5, 0.0),
+  records.build('synthetic', out, synthetic_count=60, seed=2, split=(0.5, 0.5, 0.0),
                   workers=1, progress=False)
   manifest = contract.read_manifest(out)
   for split in contract.SPLITS:

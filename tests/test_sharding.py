@@ -14,9 +14,9 @@ import logging
 import pytest
 import tensorflow as tf
 
-from agegender import config as config_lib
+from agegender.training import config as config_lib
 from agegender import contract
-from agegender import pipeline
+from agegender.data import pipeline
 from agegender import records
 
 SIZE = 32
@@ -32,7 +32,7 @@ def records_with_shards(tmp_path_factory):
   def make(num_shards):
     if num_shards not in converted:
       root = str(tmp_path_factory.mktemp(f'shards{num_shards}'))
-      records.convert('synthetic', root, image_size=SIZE, num_shards=num_shards,
+      records.build('synthetic', root, image_size=SIZE, num_shards=num_shards,
                       synthetic_count=COUNT, seed=0, progress=False)
       converted[num_shards] = root
     return converted[num_shards]

@@ -9,7 +9,9 @@ import zipfile
 import pytest
 import requests
 
-from agegender import contract, sources, synthetic
+from agegender import contract
+from agegender.records import sources
+from agegender.records import synthetic
 
 import folders  # tests/folders.py
 
@@ -100,7 +102,7 @@ def test_synthetic_source():
 def test_bad_paths_are_argument_errors_about_the_source(tmp_path, make, reason):
   with pytest.raises(contract.ArgumentError, match=reason) as raised:
     list(sources.open_source(make(tmp_path)))
-  assert raised.value.argument == 'source'
+  assert raised.value.field == 'source'
 
 
 def test_truncated_tar_gz_is_an_argument_error(tmp_path, faces):
@@ -125,7 +127,7 @@ def test_kaggle_offline_names_the_other_sources(monkeypatch):
   with pytest.raises(contract.ArgumentError) as raised:
     sources.open_source('kaggle')
   message = str(raised.value)
-  assert raised.value.argument == 'kaggle'
+  assert raised.value.field == 'source' and 'local copy' in raised.value.hint
   assert '\n' not in message and '--' not in message
   assert 'ConnectionError' in message and 'local copy' in message
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from agegender import labels, synthetic
+from agegender.records import labels, synthetic
 
 
 def _pixels(data):

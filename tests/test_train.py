@@ -15,6 +15,7 @@ import pytest
 
 import runs  # tests/runs.py
 
+from agegender.training import loop
 from agegender import cli
 from agegender import train
 
@@ -52,7 +53,7 @@ def test_the_default_model_learns_the_synthetic_faces(trained_run):
 
 
 def test_the_saved_model_is_the_best_by_validation_age_mae(trained_run):
-  from agegender import evaluate, export  # pylint: disable=g-import-not-at-top
+  from agegender.serving import evaluate, export  # pylint: disable=g-import-not-at-top
   rows = trained_run['history']
   best = min(row['val_age_output_mae'] for row in rows)
   model = export.load_keras_model(trained_run['model_dir'])
@@ -102,14 +103,14 @@ def test_a_run_killed_with_sigkill_resumes_without_repeating_epochs(
   assert 1 <= saved < 4, 'the run should be killed before its last epoch'
 
   seen = _EpochsSeen()
-  result = train.train_and_evaluate(config, callbacks=[seen.callback])
+  result = loop.train_and_evaluate(config, callbacks=[seen.callback])
   assert seen.epochs == list(range(saved, 4))
   assert result['epochs_trained'] == 4 - saved
   assert _epochs_in_history(model_dir) == [0, 1, 2, 3]
 
 
 def _saved_config(model_dir, **overrides):
-  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
+  from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top
   saved = json.load(open(os.path.join(model_dir, 'config.json')))
   values = {name: value for section in saved.values() for name, value in section.items()}
   values['filters'] = tuple(values['filters'])
@@ -119,7 +120,7 @@ def _saved_config(model_dir, **overrides):
 
 def test_a_finished_run_started_again_trains_no_more(trained_run):
   config = _saved_config(trained_run['model_dir'], tensorboard=False, export=False)
-  result = train.train_and_evaluate(config)
+  result = loop.train_and_evaluate(config)
   assert result['epochs_trained'] == 0
   assert _epochs_in_history(trained_run['model_dir']) == list(range(4))
 
@@ -128,7 +129,7 @@ def test_resuming_with_another_model_is_a_configuration_error(trained_run):
   from agegender import contract  # pylint: disable=g-import-not-at-top
   other = _saved_config(trained_run['model_dir'], filters=(8, 8, 8), export=False)
   with pytest.raises(contract.ArgumentError, match='filters differ'):
-    train.train_and_evaluate(other)
+    loop.train_and_evaluate(other)
 
 
 # ---- Flags. ----
@@ -142,7 +143,7 @@ def train_flags():
 
 
 def test_every_config_field_is_a_flag_and_the_flags_default_to_the_fields(train_flags):
-  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
+  from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top
   own = {flag.name for flag in train_flags.get_flags_for_module(train.__name__)}
   assert own == set(config_lib.fields()) | {'recipe'}
   train_flags(['train'])
@@ -184,8 +185,8 @@ def test_auto_strategy_on_one_device_is_the_default_strategy():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if len(tf.config.list_logical_devices('GPU')) > 1:
     pytest.skip('several GPUs: auto is MirroredStrategy')
-  assert train.make_strategy('auto') is tf.distribute.get_strategy()
-  one = train.make_strategy('one_device')
+  assert loop.make_strategy('auto') is tf.distribute.get_strategy()
+  one = loop.make_strategy('one_device')
   assert isinstance(one, tf.distribute.OneDeviceStrategy)
   assert one.num_replicas_in_sync == 1
 
@@ -211,7 +212,8 @@ def no_network(*args, **kwargs):
   raise Exception('URL fetch failure on https://storage.googleapis.com/: no network')
 file_utils.get_file = no_network
 warnings.simplefilter('ignore')
-from agegender import cli, train
+from agegender import cli
+from agegender import train
 train.define_flags()
 results = []
 for args in json.loads(sys.argv[1]):
@@ -241,7 +243,7 @@ BAD_FLAGS = [
     (['--dropout=1'], '--dropout must be in [0, 1)'),
     (['--reduce_lr_patience=2'], '--reduce_lr_patience needs the constant'),
     (['--distribution_strategy=multi_worker'], '--distribution_strategy=multi_worker needs'),
-    (['--records_dir={damaged}'], '; --skip_corrupt skips corrupt records'),
+    (['--records_dir={damaged}'], '(--skip_corrupt skips corrupt records)'),
 ]
 
 
@@ -301,19 +303,19 @@ def _loss_data():
 
 def _tiny_task(strategy):
   import keras  # pylint: disable=g-import-not-at-top
-  from agegender import config as config_lib  # pylint: disable=g-import-not-at-top
+  from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(0)
   config = config_lib.make_config(model='tiny', image_size=32, batch_size=LOSS_BATCH,
                                   gender_loss_weight=2.0, epochs=2,
                                   dropout=0.0)  # Random masks differ between replica layouts.
   with strategy.scope():
-    return train.build_task(config, {'mean_age': 40.0, 'age_std': 20.0}, steps_per_epoch=4,
+    return loop.build_task(config, {'mean_age': 40.0, 'age_std': 20.0}, steps_per_epoch=4,
                             global_batch_size=LOSS_BATCH)
 
 
 def loop_history(strategy, epochs=2):
   """The loop's logs per epoch for the tiny model on _loss_data under `strategy`, and the task."""
-  from agegender import trainer  # pylint: disable=g-import-not-at-top
+  from agegender.training import trainer  # pylint: disable=g-import-not-at-top
   task = _tiny_task(strategy)
   rows = []
 

@@ -10,10 +10,8 @@ never holds an epoch that the state does not.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import logging as python_logging
 import json
 import math
 import os
@@ -21,29 +19,10 @@ import os
 from absl import logging
 import tensorflow as tf
 
-from agegender import shards
-from agegender import trainer
+from agegender import contract
+from agegender import files
+from agegender.training import trainer
 
-MODEL_FILE = 'model.keras'
-HISTORY_FILE = 'history.csv'
-CURVES_FILE = 'learning_curves.png'
-CONFIG_FILE = 'config.json'
-CHECKPOINT_DIR = 'checkpoints'
-LOGS_DIR = 'logs'
-EXPORT_DIR = 'export'
-
-
-@contextlib.contextmanager
-def quiet():
-  """Checkpoint and SavedModel writing log each step at INFO; a user needs only the result."""
-  verbosity, tf_level = logging.get_verbosity(), tf.get_logger().level
-  logging.set_verbosity(logging.WARNING)
-  tf.get_logger().setLevel(python_logging.WARNING)
-  try:
-    yield
-  finally:
-    logging.set_verbosity(verbosity)
-    tf.get_logger().setLevel(tf_level)
 
 
 class RunState:
@@ -63,7 +42,7 @@ class RunState:
         model=task.model, optimizer=task.optimizer, epoch=self.epoch, best=self.best,
         since_best=self.since_best, history=self.history_json)
     self.manager = tf.train.CheckpointManager(
-        self.checkpoint, os.path.join(model_dir, CHECKPOINT_DIR), max_to_keep=2)
+        self.checkpoint, os.path.join(model_dir, contract.CHECKPOINT_DIR), max_to_keep=2)
     self._restore_from = restore_from
     self._summaries = None
 
@@ -72,13 +51,13 @@ class RunState:
     epoch to start from."""
     latest = None
     if self._restore_from:
-      latest = tf.train.latest_checkpoint(os.path.join(self._restore_from, CHECKPOINT_DIR))
+      latest = tf.train.latest_checkpoint(os.path.join(self._restore_from, contract.CHECKPOINT_DIR))
     latest = latest or self.manager.latest_checkpoint
     if latest:
       self.checkpoint.restore(latest).assert_existing_objects_matched()
       logging.info('resumed from %s at epoch %d', latest, int(self.epoch))
       if self.write_outputs:  # A kill may have come between the state and the file.
-        shards.write_text(os.path.join(self.model_dir, HISTORY_FILE), history_csv(self.history))
+        files.write_text(os.path.join(self.model_dir, contract.HISTORY_FILE), history_csv(self.history))
     return int(self.epoch)
 
   @property
@@ -103,10 +82,10 @@ class RunState:
     rows = self.history + [{'epoch': epoch, **logs}]
     self.history_json.assign(json.dumps(rows))
     self.epoch.assign(epoch + 1)
-    with quiet():
+    with files.quiet():
       self.manager.save(checkpoint_number=epoch + 1)
     if self.write_outputs:
-      shards.write_text(os.path.join(self.model_dir, HISTORY_FILE), history_csv(rows))
+      files.write_text(os.path.join(self.model_dir, contract.HISTORY_FILE), history_csv(rows))
       if self.tensorboard:
         self._write_summaries(epoch, logs)
     stop = bool(patience) and int(self.since_best) >= patience
@@ -116,7 +95,7 @@ class RunState:
 
   def _save_best(self) -> None:
     # The temporary name keeps the .keras ending, which Keras needs.
-    with shards.atomic_path(os.path.join(self.model_dir, MODEL_FILE)) as partial:
+    with files.atomic_path(os.path.join(self.model_dir, contract.MODEL_FILE)) as partial:
       self.task.model.save(partial)
 
   def _reduce_learning_rate(self, factor: float) -> None:
@@ -127,7 +106,7 @@ class RunState:
 
   def _write_summaries(self, epoch: int, logs: dict[str, float]) -> None:
     if self._summaries is None:
-      root = os.path.join(self.model_dir, LOGS_DIR)
+      root = os.path.join(self.model_dir, contract.LOGS_DIR)
       self._summaries = {'train': tf.summary.create_file_writer(os.path.join(root, 'train')),
                          'validation': tf.summary.create_file_writer(
                              os.path.join(root, 'validation'))}

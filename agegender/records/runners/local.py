@@ -1,10 +1,11 @@
 """The local runner: a conversion on this machine's cores, in two passes with bounded memory.
 
-1. Stream the source through a pool of worker processes (which never load
+1. Stream the source (each file looked up in the labels table here, when
+   there is one) through a pool of worker processes (which never load
    TensorFlow) running convert.convert_image, and spill each converted record
    into a local bucket file keyed by (split, first hash byte).
 2. With the totals known, choose each split's shard count, then read the
-   buckets in hash order, resolve copies (agegender.shards) and write the
+   buckets in hash order, resolve copies (agegender.records.shards) and write the
    shards. Copies share a hash, so they share a bucket, and one bucket at a
    time is all that is ever held in memory (its names and labels, not images).
 """
@@ -25,14 +26,14 @@ import time
 from typing import Iterable, Iterator
 
 from agegender import contract
-from agegender import convert
-from agegender import labels as labels_lib
-from agegender import shards
-from agegender import sources
+from agegender.records import convert
+from agegender.records import labels as labels_lib
+from agegender.records import shards
+from agegender.records import sources
 
 
 def _convert_chunk(chunk, options: convert.ConvertOptions):
-  return [convert.convert_image(name, data, options) for name, data in chunk]
+  return [convert.convert_in_worker(entry, options) for entry in chunk]
 
 
 def _ignore_interrupts() -> None:
@@ -57,10 +58,10 @@ def process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
                                                 initializer=_ignore_interrupts)
 
 
-def convert_stream(entries: Iterable[tuple[str, bytes]], options: convert.ConvertOptions,
+def convert_stream(entries: Iterable[tuple], options: convert.ConvertOptions,
                    workers: int, chunk_size: int = 32
                    ) -> Iterator[convert.Converted | convert.Rejected]:
-  """convert_image over a stream on `workers` processes, in source order.
+  """convert_image over a stream of (name, bytes[, labels]) on `workers` processes, in order.
 
   Processes, not threads: much of the per-image work (parsing headers,
   building records) holds Python's global lock. Images go in chunks, and
@@ -69,8 +70,8 @@ def convert_stream(entries: Iterable[tuple[str, bytes]], options: convert.Conver
   """
   entries = iter(entries)
   if workers <= 1:
-    for name, data in entries:
-      yield convert.convert_image(name, data, options)
+    for entry in entries:
+      yield convert.convert_entry(entry, options)
     return
   pool = process_pool(workers)
   try:
@@ -197,10 +198,11 @@ def run_local(conversion: shards.Conversion, source: sources.Source, *, workers:
   """Converts on this machine's cores, in two passes through local spill files."""
   with tempfile.TemporaryDirectory(prefix='make_records-') as spill_dir:
     spill = _Spill(spill_dir)
-    rejected, downscaled = [], []
+    rejected, downscaled, matched = [], [], set()
     meter = Progress(progress, source.total)
+    entries = shards.labelled(source, conversion.table, matched)  # Looked up here, once.
     try:
-      for result in convert_stream(source, conversion.options, workers):
+      for result in convert_stream(entries, conversion.options, workers):
         if isinstance(result, convert.Rejected):
           rejected.append(result)
         else:
@@ -211,11 +213,12 @@ def run_local(conversion: shards.Conversion, source: sources.Source, *, workers:
     finally:
       spill.close()
       meter.finish()
-    if meter.done == len(rejected):
-      return shards.Outcome({}, {}, rejected, downscaled, meter.done)  # Nothing to write.
+    label_rows = conversion.table.rejected_rows(matched) if conversion.table else []
+    if meter.done == len(rejected):  # Nothing to write.
+      return shards.Outcome({}, {}, rejected, downscaled, meter.done, label_rows)
 
     totals = {name: _split_totals(spill, name, conversion.label_conflicts)
               for name in contract.SPLITS}
     lengths = {name: _write_split(spill, name, conversion, conversion.num_shards_of(total))
                for name, total in totals.items()}
-  return shards.Outcome(totals, lengths, rejected, downscaled, meter.done)
+  return shards.Outcome(totals, lengths, rejected, downscaled, meter.done, label_rows)

@@ -4,19 +4,20 @@
       --records_dir=gs://bucket/records \\
       --beam_pipeline_options="--runner=DataflowRunner --project=P --region=R ..."
 
-records.convert picks this runner; it runs the same functions as the local
+records.build picks this runner; it runs the same functions as the local
 runner, never copies of them:
 
-  (name, bytes) -> convert.convert_image -> rejected | converted
+  (name, bytes) [-> labels from the table, a step with the table as its argument]
+                -> convert.convert_image -> rejected | converted
   converted -> group copies by content hash -> shards.by_content
             -> shards.SplitTotals per split -> shard counts, a side input
   converted -> group by (split, shard) -> shards.by_content
             -> shards.write_shard (hash order, temporary name, renamed)
 
 and writes one small report (totals, rejects, downscaled images, shard
-lengths, files read) into the staging folder. The launcher reads it and writes
-any empty shards; records.convert then publishes the output as it does for
-the local runner. Split, shard and order follow from the content hash, so the
+lengths, files read, the names a table row labelled) into the staging folder.
+The launcher reads it and writes any empty shards; records.build then
+publishes the output as it does for the local runner. Split, shard and order follow from the content hash, so the
 output is byte for byte the local runner's, whatever order workers finish in.
 
 Reading the source: a folder (local, or gs:// through tf.io.gfile) is listed
@@ -32,27 +33,31 @@ import posixpath
 import shlex
 from typing import Any, Iterable, Iterator
 
+from agegender import files
 from agegender import contract
-from agegender import convert
-from agegender import shards
-from agegender import sources
+from agegender.records import convert
+from agegender.records import labels as labels_lib
+from agegender.records import shards
+from agegender.records import sources
 
 DEFAULT_PIPELINE_OPTIONS = (
     '--runner=DirectRunner --direct_num_workers=0 --direct_running_mode=multi_processing')
 INSTALL_HINT = "pip install -e '.[beam]'"
-REPORT_NAME = shards.TEMP_PREFIX + 'beam-report.pickle'
-STAGING_PREFIX = shards.TEMP_PREFIX + 'beam-source-'
+REPORT_NAME = files.TEMP_PREFIX + 'beam-report.pickle'
+STAGING_PREFIX = files.TEMP_PREFIX + 'beam-source-'
 STAGING_FILE_BYTES = 32 * 2**20
 
 
 def import_beam():
-  """apache_beam, or an ArgumentError about the runner that says how to install it."""
+  """apache_beam (with apache_beam.options.pipeline_options loaded), or an ArgumentError about
+  the runner that says how to install it."""
   try:
-    import apache_beam  # pylint: disable=g-import-not-at-top
+    # Lazy: Apache Beam is an optional extra, and seconds to import.
+    import apache_beam.options.pipeline_options  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise contract.ArgumentError(
         'runner', f'the Beam runner needs Apache Beam, which is not installed: '
-        f'{INSTALL_HINT}') from None
+        f'{INSTALL_HINT}', hint='needed by {runner}=beam') from None
   return apache_beam
 
 
@@ -60,15 +65,14 @@ def import_beam():
 
 def _folder_of(source: sources.Source) -> str | None:
   """The folder of a folder source (a kaggle download is one), else None."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if source.location and tf.io.gfile.isdir(source.location):
+  if source.location and files.isdir(source.location):
     return source.location
   return None
 
 
 def stage(entries: Iterable[tuple[str, bytes | sources.TooLarge]], directory: str) -> list[str]:
   """Writes a stream of (name, bytes or TooLarge) into TFRecord files in `directory`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = files.tensorflow()
   paths, writer, size = [], None, 0
   for entry in entries:
     if writer is None or size >= STAGING_FILE_BYTES:
@@ -85,15 +89,14 @@ def stage(entries: Iterable[tuple[str, bytes | sources.TooLarge]], directory: st
 
 
 def read_staged(path: str) -> Iterator[tuple[str, bytes | sources.TooLarge]]:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+  for record in files.tensorflow().data.TFRecordDataset(path).as_numpy_iterator():
     yield pickle.loads(record)
 
 
 # The pipeline's steps, each a call into the shared conversion modules.
 
-def _convert(entry, options: convert.ConvertOptions):
-  return convert.convert_image(*entry, options)
+def _label(entry: tuple[str, Any], table: labels_lib.LabelTable):
+  return entry[0], entry[1], table.lookup(entry[0])
 
 
 def _count_copies(content_hash: bytes, copies: Iterable[tuple[str, shards.Entry]],
@@ -122,19 +125,15 @@ def _write_shard(shard, directory: str, num_shards: dict[str, int], label_confli
 
 
 def _write_report(items: list[tuple[str, Any]], path: str) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  with shards.atomic_path(path) as temporary:
-    with tf.io.gfile.GFile(temporary, 'wb') as f:
-      f.write(pickle.dumps(items))
+  files.write_bytes(path, pickle.dumps(items))
 
 
 def _read_report(path: str) -> dict[str, Any]:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    items = pickle.loads(f.read())
-  report = {'totals': {}, 'rejected': [], 'downscaled': [], 'shards': {}, 'files_read': 0}
+  items = pickle.loads(files.read_bytes(path))
+  report = {'totals': {}, 'rejected': [], 'downscaled': [], 'shards': {}, 'files_read': 0,
+            'matched': []}
   for kind, value in items:
-    if kind in ('rejected', 'downscaled'):
+    if kind in ('rejected', 'downscaled', 'matched'):
       report[kind].append(value)
     elif kind == 'files_read':
       report['files_read'] = value
@@ -147,7 +146,13 @@ def _read_report(path: str) -> dict[str, Any]:
 def build_pipeline(beam, entries, conversion: shards.Conversion, report_path: str) -> None:
   """From a PCollection of (name, bytes) to written shards and the report."""
   as_dict = beam.pvalue.AsDict
-  results = entries | 'Convert' >> beam.Map(_convert, conversion.options)
+  matched = ()
+  if conversion.table is not None:
+    entries = entries | 'Label' >> beam.Map(_label, conversion.table)
+    matched = (entries
+               | 'InTable' >> beam.Filter(lambda entry: labels_lib.in_table(entry[2]))
+               | 'TagMatched' >> beam.Map(lambda entry: ('matched', entry[0])),)
+  results = entries | 'Convert' >> beam.Map(convert.convert_in_worker, conversion.options)
   converted = results | 'Converted' >> beam.Filter(
       lambda r: isinstance(r, convert.Converted))
   rejected = results | 'Rejected' >> beam.Filter(lambda r: isinstance(r, convert.Rejected))
@@ -176,7 +181,7 @@ def build_pipeline(beam, entries, conversion: shards.Conversion, report_path: st
       lengths | 'TagShards' >> beam.Map(lambda kv: ('shards', kv)),
       rejected | 'TagRejected' >> beam.Map(lambda r: ('rejected', r)),
       downscaled | 'TagDownscaled' >> beam.Map(lambda d: ('downscaled', d)),
-      files_read | 'TagFilesRead' >> beam.Map(lambda n: ('files_read', n)))
+      files_read | 'TagFilesRead' >> beam.Map(lambda n: ('files_read', n))) + matched
   _ = (tagged | 'Report' >> beam.Flatten()
        | 'OneReport' >> beam.combiners.ToList()
        | 'WriteReport' >> beam.Map(_write_report, report_path))
@@ -186,7 +191,7 @@ def _read_entries(beam, pipeline, folder: str | None, staged: list[str],
                   max_file_bytes: int):
   if folder is not None:
     return (pipeline | 'Folder' >> beam.Create([folder])
-            | 'List' >> beam.FlatMap(sources.folder_files)
+            | 'List' >> beam.FlatMap(files.walk)
             | 'SpreadFiles' >> beam.Reshuffle()
             | 'Read' >> beam.MapTuple(sources.read_file, max_file_bytes=max_file_bytes))
   return (pipeline | 'Staged' >> beam.Create(staged)
@@ -200,10 +205,8 @@ def _read_entries(beam, pipeline, folder: str | None, staged: list[str],
 def run_beam(conversion: shards.Conversion, source: sources.Source,
              pipeline_options: str = DEFAULT_PIPELINE_OPTIONS) -> shards.Outcome:
   """The conversion as one Beam pipeline, writing shards into conversion.directory."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   beam = import_beam()
-  from apache_beam.options import pipeline_options as beam_options  # pylint: disable=g-import-not-at-top
-  options = beam_options.PipelineOptions(shlex.split(pipeline_options or ''))
+  options = beam.options.pipeline_options.PipelineOptions(shlex.split(pipeline_options or ''))
   directory = conversion.directory
   folder = _folder_of(source)
   staged = [] if folder is not None else stage(source, directory)
@@ -214,18 +217,20 @@ def run_beam(conversion: shards.Conversion, source: sources.Source,
                    conversion, report_path)
   report = _read_report(report_path)
   for path in staged + [report_path]:
-    tf.io.gfile.remove(path)
+    files.remove(path)
+  table = conversion.table
+  label_rows = table.rejected_rows(report['matched']) if table is not None else []
 
   if report['files_read'] == len(report['rejected']):  # Nothing to write.
     return shards.Outcome({}, {}, report['rejected'], report['downscaled'],
-                          report['files_read'])
+                          report['files_read'], label_rows)
   totals = {name: report['totals'].get(name, shards.SplitTotals())
             for name in contract.SPLITS}
   lengths = {name: _all_shards(directory, name, conversion.num_shards_of(total),
                                report['shards'])
              for name, total in totals.items()}
   return shards.Outcome(totals, lengths, report['rejected'], report['downscaled'],
-                        report['files_read'])
+                        report['files_read'], label_rows)
 
 
 def _all_shards(directory: str, split: str, num_shards: int,

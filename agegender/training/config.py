@@ -5,7 +5,7 @@
 `DataConfig` is what the input pipeline needs, `ModelConfig` what builds the
 model, `OptimConfig` the losses, the optimizer and the schedule, `RunConfig`
 where and how a run executes. The command line's flags are derived from these
-fields (`agegender.flags_from_config`), so a flag's name, default and help are
+fields (`agegender.cli.define_flags`), so a flag's name, default and help are
 the field's. A recipe is a named set of values over the defaults:
 `reference` is the seed notebook's model, losses and optimizer, exactly.
 """
@@ -17,103 +17,101 @@ import os
 from typing import Any
 
 from agegender import contract
+from agegender import options
+from agegender.data import service
 
-# keras.applications backbones (the only models with pretrained weights).
-BACKBONES = ('resnet50', 'efficientnet_b0', 'mobilenet_v3_small')
-MODELS = ('compact_cnn', 'seed_cnn', 'tiny') + BACKBONES
+# keras.applications backbones (the only models with pretrained weights), by the name the
+# configuration uses: the keras.applications function that builds each.
+BACKBONES = {
+    'resnet50': 'ResNet50',
+    'efficientnet_b0': 'EfficientNetB0',
+    'mobilenet_v3_small': 'MobileNetV3Small',
+}
+MODELS = ('compact_cnn', 'seed_cnn', 'tiny') + tuple(BACKBONES)
 STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
 AGE_LOSSES = ('huber', 'mae', 'mse')
 SCHEDULES = ('cosine', 'constant')
 WEIGHTS = ('none', 'imagenet')
 
 
-def _field(default, help_text: str, choices: tuple[str, ...] | None = None):
-  metadata = {'help': help_text}
-  if choices:
-    metadata['choices'] = choices
-  if isinstance(default, (list, tuple)):
-    return dataclasses.field(default_factory=lambda: tuple(default), metadata=metadata)
-  return dataclasses.field(default=default, metadata=metadata)
-
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """What the input pipeline reads and how it batches."""
-  records_dir: str = _field('records', 'Records written by agegender.make_records.')
-  image_size: int = _field(contract.DEFAULT_IMAGE_SIZE,
-                           'Side of the square input images, in pixels.')
-  batch_size: int = _field(128, 'Global batch size (split over the replicas).')
-  shuffle_buffer: int = _field(2_000, 'Training shuffle buffer, in records (the pipeline\'s '
-                               'main memory: about this many stored images).')
-  augment: bool = _field(True, 'Random flips and small shifts of training images (in the '
+  records_dir: str = options.option('records', 'Records written by agegender.make_records.')
+  image_size: int = options.option(contract.DEFAULT_IMAGE_SIZE,
+                           'Side of the square input images, in pixels.', above=0)
+  batch_size: int = options.option(128, 'Global batch size (split over the replicas).', above=0)
+  shuffle_buffer: int = options.option(2_000, 'Training shuffle buffer, in records (the pipeline\'s '
+                               'main memory: about this many stored images).', above=0)
+  augment: bool = options.option(True, 'Random flips and small shifts of training images (in the '
                          'training step, on the device).')
-  deterministic: bool = _field(False, 'The same input order on every run (from --seed); '
+  deterministic: bool = options.option(False, 'The same input order on every run (from --seed); '
                                'slower.')
-  seed: int = _field(0, 'Seed of the weights, the shuffle and the augmentation.')
-  cache: bool = _field(False, 'Keep the serialized records in memory after the first epoch.')
-  skip_corrupt: bool = _field(False, 'Skip corrupt records (counted and logged per shard) '
+  seed: int = options.option(0, 'Seed of the weights, the shuffle and the augmentation.')
+  cache: bool = options.option(False, 'Keep the serialized records in memory after the first epoch.')
+  skip_corrupt: bool = options.option(False, 'Skip corrupt records (counted and logged per shard) '
                               'instead of stopping with an error that names the shard.')
-  data_service: str = _field('', 'A tf.data service dispatcher, grpc://HOST:PORT, whose '
+  data_service: str = options.option('', 'A tf.data service dispatcher, grpc://HOST:PORT, whose '
                              'workers run the training input pipeline.')
-  data_service_timeout: float = _field(60.0, 'Seconds without a batch from the service after '
-                                       'which an epoch ends with what arrived (0: wait forever).')
+  data_service_timeout: float = options.option(60.0, 'Seconds without a batch from the service after '
+                                       'which an epoch ends with what arrived (0: wait forever).', lower=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The network: its architecture and precision."""
-  model: str = _field('compact_cnn', 'The model to train.', MODELS)
-  weights: str = _field('none', 'Initial weights of a keras.applications backbone '
+  model: str = options.option('compact_cnn', 'The model to train.', MODELS)
+  weights: str = options.option('none', 'Initial weights of a keras.applications backbone '
                         '(imagenet: downloaded).', WEIGHTS)
-  filters: tuple[int, ...] = _field((), 'Conv filters per block of seed_cnn and tiny '
+  filters: tuple[int, ...] = options.option((), 'Conv filters per block of seed_cnn and tiny '
                                     '(empty: 64,128,256; 16,32,64 for tiny).')
-  dense_units: int = _field(0, 'Units of the dense layer before the heads (0: 256; 32 for tiny).')
-  dropout: float = _field(0.5, 'Dropout before the heads.')
-  batch_norm: bool = _field(True, 'Batch normalization after each convolution of seed_cnn '
+  dense_units: int = options.option(0, 'Units of the dense layer before the heads (0: 256; 32 for tiny).', lower=0)
+  dropout: float = options.option(0.5, 'Dropout before the heads.')
+  batch_norm: bool = options.option(True, 'Batch normalization after each convolution of seed_cnn '
                             'and tiny (compact_cnn always has it).')
-  mixed_precision: bool = _field(False, 'mixed_float16 compute (for GPUs); the output heads '
+  mixed_precision: bool = options.option(False, 'mixed_float16 compute (for GPUs); the output heads '
                                  'stay float32.')
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """The losses, the optimizer and the schedule."""
-  epochs: int = _field(10, 'Epochs to train (a resumed run ends at the same epoch).')
-  learning_rate: float = _field(6e-3, 'Peak learning rate (AdamW).')
-  weight_decay: float = _field(1e-4, 'AdamW\'s decoupled weight decay (0: Adam).')
-  schedule: str = _field('cosine', 'cosine: warm up, then decay to 0 by the last epoch; '
+  epochs: int = options.option(10, 'Epochs to train (a resumed run ends at the same epoch).', above=0)
+  learning_rate: float = options.option(6e-3, 'Peak learning rate (AdamW).', above=0)
+  weight_decay: float = options.option(1e-4, 'AdamW\'s decoupled weight decay (0: Adam).', lower=0)
+  schedule: str = options.option('cosine', 'cosine: warm up, then decay to 0 by the last epoch; '
                          'constant: the learning rate throughout.', SCHEDULES)
-  warmup_steps: int = _field(200, 'Steps of linear warm-up of the cosine schedule (at most a fifth of the run).')
-  age_loss: str = _field('huber', 'Age loss on the error in --age_unit units: huber (delta 1), '
+  warmup_steps: int = options.option(200, 'Steps of linear warm-up of the cosine schedule (at most a fifth of the run).', lower=0)
+  age_loss: str = options.option('huber', 'Age loss on the error in --age_unit units: huber (delta 1), '
                          'mae or mse.', AGE_LOSSES)
-  age_unit: str = _field('std', 'Unit of the age error the loss sees: std (the training '
+  age_unit: str = options.option('std', 'Unit of the age error the loss sees: std (the training '
                          'split\'s age standard deviation, so the two heads\' losses are of '
                          'one scale) or years.', ('std', 'years'))
-  gender_loss_weight: float = _field(1.0, 'Weight of the gender loss in the total loss.')
-  age_loss_weight: float = _field(1.0, 'Weight of the age loss in the total loss.')
-  early_stopping_patience: int = _field(0, 'Stop after this many epochs without a better '
-                                        'validation age MAE (0: off).')
-  reduce_lr_patience: int = _field(0, 'Multiply the learning rate by --reduce_lr_factor after '
+  gender_loss_weight: float = options.option(1.0, 'Weight of the gender loss in the total loss.', lower=0)
+  age_loss_weight: float = options.option(1.0, 'Weight of the age loss in the total loss.', lower=0)
+  early_stopping_patience: int = options.option(0, 'Stop after this many epochs without a better '
+                                        'validation age MAE (0: off).', lower=0)
+  reduce_lr_patience: int = options.option(0, 'Multiply the learning rate by --reduce_lr_factor after '
                                    'this many epochs without a better validation age MAE '
-                                   '(0: off).')
-  reduce_lr_factor: float = _field(0.5, 'Learning-rate reduction factor.')
+                                   '(0: off).', lower=0)
+  reduce_lr_factor: float = options.option(0.5, 'Learning-rate reduction factor.', above=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Where a run writes and how it executes."""
-  model_dir: str = _field('', 'Where the run writes everything (empty: runs/<model>).')
-  distribution_strategy: str = _field(
+  model_dir: str = options.option('', 'Where the run writes everything (empty: runs/<model>).')
+  distribution_strategy: str = options.option(
       'auto', 'auto: MirroredStrategy over all local GPUs when there are several, else the '
       'default device; one_device: the first GPU (or the CPU); mirrored: all local GPUs; '
       'multi_worker: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG.', STRATEGIES)
-  worker_dir: str = _field('', 'multi_worker: where a worker other than the chief keeps its '
+  worker_dir: str = options.option('', 'multi_worker: where a worker other than the chief keeps its '
                            'state (empty: a temporary folder, deleted at exit).')
-  jit_compile: bool = _field(False, 'Compile the training step with XLA.')
-  steps_per_execution: int = _field(1, 'Training steps per tf.function call.')
-  tensorboard: bool = _field(True, 'Write TensorBoard logs to MODEL_DIR/logs.')
-  export: bool = _field(True, 'Export the serving SavedModel to MODEL_DIR/export.')
-  verbose: int = _field(1, 'Progress: 0 silent, 1 progress bar, 2 a line per epoch.')
+  jit_compile: bool = options.option(False, 'Compile the training step with XLA.')
+  steps_per_execution: int = options.option(1, 'Training steps per tf.function call.', above=0)
+  tensorboard: bool = options.option(True, 'Write TensorBoard logs to MODEL_DIR/logs.')
+  export: bool = options.option(True, 'Export the serving SavedModel to MODEL_DIR/export.')
+  verbose: int = options.option(1, 'Progress: 0 silent, 1 progress bar, 2 a line per epoch.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,23 +175,8 @@ def as_dict(config: Config) -> dict[str, dict[str, Any]]:
 def check(config: Config) -> None:
   """Raises contract.ArgumentError for values that would fail later; its text starts with the
   field's name (which is also its flag's)."""
-  positive = ('image_size', 'batch_size', 'shuffle_buffer', 'epochs', 'learning_rate',
-              'steps_per_execution', 'reduce_lr_factor')
-  not_negative = ('dense_units', 'weight_decay', 'warmup_steps', 'gender_loss_weight',
-                  'age_loss_weight', 'early_stopping_patience', 'reduce_lr_patience',
-                  'data_service_timeout')
-  by_name = fields()
-  for name in positive + not_negative:
-    value = getattr(getattr(config, by_name[name][0]), name)
-    if (value <= 0 if name in positive else value < 0):
-      raise contract.ArgumentError(
-          name, f'{name} must be {"positive" if name in positive else "non-negative"}, '
-                f'got {value}')
-  for name, (section, field) in by_name.items():
-    value = getattr(getattr(config, section), name)
-    if 'choices' in field.metadata and value not in field.metadata['choices']:
-      raise contract.ArgumentError(
-          name, f'{name} must be one of {", ".join(field.metadata["choices"])}, got {value!r}')
+  for section in SECTIONS:
+    options.check(getattr(config, section))
   if any(count <= 0 for count in config.model.filters):
     raise contract.ArgumentError('filters', f'filters must be positive, got {config.model.filters}')
   if not 0.0 <= config.model.dropout < 1.0:
@@ -206,9 +189,8 @@ def check(config: Config) -> None:
   if config.optim.reduce_lr_patience and config.optim.schedule != 'constant':
     raise contract.ArgumentError('reduce_lr_patience', 'reduce_lr_patience needs the constant learning-rate schedule')
   if config.data.data_service:
-    from agegender import data_service  # pylint: disable=g-import-not-at-top
     try:
-      data_service.parse_address(config.data.data_service)
+      service.parse_address(config.data.data_service)
     except ValueError as e:
       raise contract.ArgumentError('data_service', f'data_service: {e}') from None
   if config.data.data_service and config.data.cache:

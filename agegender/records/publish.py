@@ -5,12 +5,18 @@
   operating system drops when its process dies, so a lock file left by a
   killed run is stale by construction and is taken over; a live holder stops
   the second writer with an error that names it.
-- `existing_manifest`: what skip_if_done compares: the same source and settings.
+- `existing_manifest`: what skip_if_done compares: the same source and settings
+  (a labels table by its path and its sha256, so an edited table is noticed).
 - `staging_dir`: runners write shards into a sibling staging folder, so a
   failed or killed run never touches complete records; `publish` then writes
   the tfds metadata, moves the shards in, and writes manifest.json last, so an
   output without a manifest is unfinished and a rerun replaces it.
-- the manifest and the summary, the same whichever runner wrote the shards.
+- the manifest and the summary, the same whichever runner wrote the shards:
+  rejected files, copies, conflicts, downscaled images, and with a labels
+  table the rows that labelled no file (`label_rows_rejected`).
+
+Local paths go through the os module, gs:// ones through files.gfile(); only
+the tfds metadata needs TensorFlow (through tensorflow_datasets).
 """
 
 from __future__ import annotations
@@ -18,18 +24,26 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import posixpath
 import socket
 from typing import Any, Iterator
 
+import numpy as np
+
 from agegender import contract
-from agegender import convert
-from agegender import shards
+from agegender import files
+from agegender.records import convert
+from agegender.records import labels as labels_lib
+from agegender.records import shards
 
 LOCK_NAME = '.make_records.lock'
 TFDS_FILES = ('dataset_info.json', 'features.json')
+# Settings newer than some manifests: a manifest without one was made with its default.
+LATER_SETTINGS = {'labels': None, 'labels_sha256': None, 'name_pattern': None,
+                  'find_faces': False}
 
 
 # One writer at a time.
@@ -48,17 +62,17 @@ def _busy(path: str, holder: dict[str, Any] | None) -> contract.ArgumentError:
 
 
 def _read_holder(path: str) -> dict[str, Any] | None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  unreadable = (ValueError, OSError)
+  if files.is_url(path):
+    unreadable += (files.tensorflow().errors.OpError,)
   try:
-    with tf.io.gfile.GFile(path, 'r') as f:
-      return json.loads(f.read())
-  except (ValueError, tf.errors.OpError, OSError):
+    return json.loads(files.read_bytes(path))
+  except unreadable:
     return None
 
 
 @contextlib.contextmanager
 def _local_lock(path: str) -> Iterator[None]:
-  import fcntl  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(path), exist_ok=True)
   while True:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -86,14 +100,13 @@ def _local_lock(path: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _remote_lock(path: str) -> Iterator[None]:
   # Object stores have no file locks: the check and the write are not one step.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if tf.io.gfile.exists(path):
+  if files.exists(path):
     raise _busy(path, _read_holder(path))
-  shards.write_text(path, json.dumps(_holder()) + '\n')
+  files.write_text(path, json.dumps(_holder()) + '\n')
   try:
     yield
   finally:
-    tf.io.gfile.remove(path)
+    files.remove(path)
 
 
 def records_lock(records_root: str):
@@ -105,8 +118,7 @@ def records_lock(records_root: str):
 # Existing output.
 
 def existing_manifest(directory: str) -> dict[str, Any] | None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if not tf.io.gfile.exists(posixpath.join(directory, contract.MANIFEST_NAME)):
+  if not files.exists(posixpath.join(directory, contract.MANIFEST_NAME)):
     return None
   try:
     return contract.read_manifest(directory)
@@ -121,16 +133,20 @@ def check_existing(directory: str, spec: str, settings: dict[str, Any], overwrit
   if manifest is None:
     return None
   if not skip_if_done:
-    raise contract.ArgumentError('overwrite', f'records already exist at {directory}')
+    raise contract.ArgumentError('overwrite', f'records already exist at {directory}',
+                                 hint='set {overwrite} to replace them, or {skip_if_done} to '
+                                 'keep them')
   if manifest.get('source', {}).get('spec') != spec:
     raise contract.ArgumentError(
-        'source_changed', f'records at {directory} were made from source '
-        f'{manifest.get("source", {}).get("spec")!r}, not {spec!r}')
-  old = manifest.get('flags', {})
+        'source', f'records at {directory} were made from source '
+        f'{manifest.get("source", {}).get("spec")!r}, not {spec!r}',
+        hint='set {overwrite} to replace them')
+  old = {**LATER_SETTINGS, **manifest.get('flags', {})}
   changed = [f'{k}={old.get(k)} (now {v})' for k, v in settings.items() if old.get(k) != v]
   if changed:
     raise contract.ArgumentError(
-        'settings_changed', f'records at {directory} were made with {", ".join(changed)}')
+        'skip_if_done', f'records at {directory} were made with {", ".join(changed)}',
+        hint='set {overwrite} to replace them')
   return manifest
 
 
@@ -139,54 +155,54 @@ def check_existing(directory: str, spec: str, settings: dict[str, Any], overwrit
 def staging_dir(directory: str) -> str:
   directory = directory.rstrip('/')
   return posixpath.join(posixpath.dirname(directory),
-                        shards.TEMP_PREFIX + posixpath.basename(directory))
+                        files.TEMP_PREFIX + posixpath.basename(directory))
 
 
 def start_staging(directory: str) -> str:
   """An empty staging folder for `directory` (what a killed run left there is removed)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   staging = staging_dir(directory)
-  if tf.io.gfile.exists(staging):
-    tf.io.gfile.rmtree(staging)
-  tf.io.gfile.makedirs(staging)
+  files.remove(staging)
+  files.makedirs(staging)
   return staging
 
 
 def remove_staging(directory: str) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   with contextlib.suppress(Exception):
-    tf.io.gfile.rmtree(staging_dir(directory))
+    files.remove(staging_dir(directory))
 
 
 def _ours(name: str) -> bool:
-  return (name.startswith(shards.TEMP_PREFIX) or name in TFDS_FILES or
+  return (name.startswith(files.TEMP_PREFIX) or name in TFDS_FILES or
           name.startswith(f'{contract.DATASET_NAME}-') and '.tfrecord-' in name)
 
 
 def publish(directory: str, storage: contract.ImageStorage, outcome: shards.Outcome,
             manifest: dict[str, Any]) -> None:
   """Moves the staged shards in with their tfds metadata, and writes the manifest last."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   staging = staging_dir(directory)
   _write_tfds_metadata(staging, storage, outcome)
-  tf.io.gfile.makedirs(directory)
+  files.makedirs(directory)
   old_manifest = posixpath.join(directory, contract.MANIFEST_NAME)
-  if tf.io.gfile.exists(old_manifest):
-    tf.io.gfile.remove(old_manifest)  # First: the old output stops counting as complete.
-  for name in tf.io.gfile.listdir(directory):
-    if _ours(name.rstrip('/')):
-      tf.io.gfile.remove(posixpath.join(directory, name.rstrip('/')))
-  for name in tf.io.gfile.listdir(staging):
-    if _ours(name) and not name.startswith(shards.TEMP_PREFIX):
-      tf.io.gfile.rename(posixpath.join(staging, name), posixpath.join(directory, name))
-  shards.write_text(old_manifest, json.dumps(manifest, indent=2) + '\n')
-  tf.io.gfile.rmtree(staging)
+  files.remove(old_manifest)  # First: the old output stops counting as complete.
+  for name in files.listdir(directory):
+    if _ours(name):
+      files.remove(posixpath.join(directory, name))
+  for name in files.listdir(staging):
+    if _ours(name) and not name.startswith(files.TEMP_PREFIX):
+      files.rename(posixpath.join(staging, name), posixpath.join(directory, name))
+  files.write_text(old_manifest, json.dumps(manifest, indent=2) + '\n')
+  files.remove(staging)
+
+
+def _tfds():
+  # Lazy: tensorflow_datasets imports TensorFlow, which conversion workers must never import.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
 
 
 def tfds_features(storage: contract.ImageStorage):
   """The tfds FeaturesDict that reads our records."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = _tfds()
   if storage.format == contract.RAW:
     image = tfds.features.Tensor(shape=(storage.size, storage.size, 3), dtype=np.uint8,
                                  encoding=tfds.features.Encoding.BYTES)
@@ -203,7 +219,7 @@ def tfds_features(storage: contract.ImageStorage):
 
 def _write_tfds_metadata(staging: str, storage: contract.ImageStorage,
                          outcome: shards.Outcome) -> None:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = _tfds()
   split_infos = [tfds.core.SplitInfo(name=name, shard_lengths=outcome.shard_lengths[name],
                                      num_bytes=outcome.totals[name].num_bytes)
                  for name in contract.SPLITS]
@@ -226,8 +242,14 @@ def nothing_valid_message(spec: str, rejected: list[convert.Rejected]) -> str:
 
 
 def summary(directory: str, spec: str, outcome: shards.Outcome, label_conflicts: str,
-            elapsed: float) -> dict[str, Any]:
+            elapsed: float, table: labels_lib.LabelTable | None = None) -> dict[str, Any]:
   totals = outcome.totals.values()
+  label_table = None
+  if table is not None:
+    rows = collections.Counter(row.kind for row in outcome.label_rows)
+    label_table = {'file': table.path, 'rows': table.num_rows,
+                   'rows_rejected': dict(sorted(rows.items())),
+                   'rows_rejected_total': len(outcome.label_rows)}
   accepted = {name: total.num_examples for name, total in outcome.totals.items()}
   conflicts = [group for total in totals for group in total.label_conflicts]
   return {
@@ -242,6 +264,7 @@ def summary(directory: str, spec: str, outcome: shards.Outcome, label_conflicts:
       'label_conflict_files': sum(len(group['files']) for group in conflicts),
       'label_conflicts_kept': label_conflicts == shards.KEEP_FIRST,
       'downscaled': len(outcome.downscaled),
+      'label_table': label_table,
       'files_read': outcome.files_read,
       'elapsed_s': round(elapsed, 3),
       'images_per_s': round(outcome.files_read / max(elapsed, 1e-9), 1),
@@ -278,6 +301,7 @@ def manifest(storage: contract.ImageStorage, source_info: dict[str, Any],
       'label_conflicts': sorted((c for total in totals for c in total.label_conflicts),
                                 key=lambda c: c['files']),
       'downscaled': sorted(outcome.downscaled, key=lambda d: d['file']),
+      'label_rows_rejected': [row.to_json() for row in outcome.label_rows],
       'summary': summary_,
   }
 
@@ -295,9 +319,15 @@ def format_summary(summary_: dict[str, Any]) -> str:
             else 'all copies dropped')
     conflicts = (f'{summary_["label_conflicts"]} images whose copies disagree '
                  f'({summary_["label_conflict_files"]} files), {what}')
+  table = summary_.get('label_table')
+  table_line = ''
+  if table:
+    unused = ', '.join(f'{k} {v}' for k, v in table['rows_rejected'].items()) or 'none'
+    table_line = f'  label table: {table["rows"]} rows; rows not used: {unused}\n'
   return (f'make_records: wrote {summary_["records_dir"]}\n'
           f'  accepted: {accepted} (total {summary_["accepted_total"]})\n'
           f'  rejected: {rejected}\n'
+          f'{table_line}'
           f'  duplicates dropped: {summary_["duplicates"]}\n'
           f'  label conflicts: {conflicts}\n'
           f'  downscaled: {summary_["downscaled"]}\n'

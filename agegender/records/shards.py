@@ -7,49 +7,28 @@ which: by default (DROP) every copy is dropped and the group is listed as a
 label conflict; with KEEP_FIRST the smallest name is kept, as for agreeing
 copies, so the choice never depends on the order files were listed in.
 
-Every file the conversion writes goes through `atomic_path`: it is written
-under a temporary name and renamed into place only when complete, and
-removed when writing fails (a full disk), so no half-written file is ever
-left under its real name or left to fill the disk.
+With a labels table (`Conversion.table`) the runner looks each file up in
+the main process or a Beam step (`labelled`), and reports the rows that
+labelled no file (`Outcome.label_rows`).
+
+Every shard is written through files.atomic_path, so no half-written shard
+is ever left under its real name or left to fill the disk.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import posixpath
 from typing import Any, Iterable, Iterator
 
 from agegender import contract
-from agegender import convert
-from agegender import labels as labels_lib
+from agegender import files
+from agegender.records import convert
+from agegender.records import labels as labels_lib
 
-TEMP_PREFIX = '.incomplete-'
 DROP, KEEP_FIRST = 'drop', 'keep_first'
 LABEL_CONFLICTS = (DROP, KEEP_FIRST)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-  """Yields a temporary path beside `path`; renamed to `path` when the block
-  succeeds, removed when it fails."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  temporary = posixpath.join(posixpath.dirname(path), TEMP_PREFIX + posixpath.basename(path))
-  try:
-    yield temporary
-    tf.io.gfile.rename(temporary, path, overwrite=True)
-  except BaseException:
-    with contextlib.suppress(Exception):
-      tf.io.gfile.remove(temporary)
-    raise
-
-
-def write_text(path: str, text: str) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  with atomic_path(path) as temporary:
-    with tf.io.gfile.GFile(temporary, 'w') as f:
-      f.write(text)
 
 
 # Copies.
@@ -92,7 +71,8 @@ def _decade(age: int) -> str:
 
 def _empty_histograms() -> dict[str, dict[str, int]]:
   return {'age': {_decade(age): 0 for age in range(0, labels_lib.MAX_AGE + 1, 10)},
-          'gender': {str(g): 0 for g in range(len(labels_lib.GENDERS))},
+          'gender': {str(g): 0 for g in range(labels_lib.UNKNOWN_GENDER,
+                                              len(labels_lib.GENDERS))},
           'race': {str(r): 0 for r in range(labels_lib.UNKNOWN_RACE, len(labels_lib.RACES))}}
 
 
@@ -101,7 +81,8 @@ class SplitTotals:
   """A split's kept examples, bytes, label counts and sums, and what was dropped.
 
   Ages are summed as integers, so totals merged in any order (Beam's) give
-  the same statistics as one pass (the local runner's).
+  the same statistics as one pass (the local runner's). Unknown genders (-1)
+  are counted in the histogram and left out of the majority gender and its share.
   """
   num_examples: int = 0
   num_bytes: int = 0
@@ -146,7 +127,9 @@ class SplitTotals:
     """What contract.label_statistics returns for this split."""
     mean_age, age_std = contract.age_statistics(self.num_examples, self.age_sum,
                                                 self.age_square_sum)
-    gender, share = contract.majority(self.histograms['gender'])
+    known = {code: count for code, count in self.histograms['gender'].items()
+             if int(code) != labels_lib.UNKNOWN_GENDER}
+    gender, share = contract.majority(known)
     return {'num_examples': self.num_examples, 'mean_age': mean_age, 'age_std': age_std,
             'majority_gender': gender, 'majority_share': share}
 
@@ -156,6 +139,20 @@ def merge_totals(totals: Iterable[SplitTotals]) -> SplitTotals:
   for total in totals:
     merged.merge(total)
   return merged
+
+
+def labelled(entries: Iterable[tuple[str, Any]], table: labels_lib.LabelTable | None,
+             matched: set[str]) -> Iterator[tuple]:
+  """(name, bytes) entries as (name, bytes, labels from the table); adds to `matched` the
+  names that have a row. Without a table the entries pass unchanged."""
+  if table is None:
+    yield from entries
+    return
+  for name, data in entries:
+    found = table.lookup(name)
+    if labels_lib.in_table(found):
+      matched.add(name)
+    yield name, data, found
 
 
 # Shards.
@@ -169,6 +166,7 @@ class Conversion:
   num_shards: int | None
   label_conflicts: str = DROP
   max_file_bytes: int = 32 * 2**20
+  table: labels_lib.LabelTable | None = None  # --labels: looked up per file by the runner.
 
   def num_shards_of(self, totals: SplitTotals) -> int:
     return choose_num_shards(totals.num_bytes, totals.num_examples, self.shard_size_mb,
@@ -183,6 +181,7 @@ class Outcome:
   rejected: list[convert.Rejected]
   downscaled: list[dict[str, Any]]  # {'file', 'from': [w, h]} of each downscaled image.
   files_read: int
+  label_rows: list[labels_lib.RowProblem] = dataclasses.field(default_factory=list)  # Unused.
 
 
 def downscaled_entry(record: convert.Converted) -> dict[str, Any]:
@@ -199,11 +198,10 @@ def choose_num_shards(num_bytes: int, num_examples: int, shard_size_mb: float,
 def write_shard(directory: str, split: str, index: int, num_shards: int,
                 examples: Iterable[bytes]) -> int:
   """One complete shard from serialized examples in order; returns its length."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   path = posixpath.join(directory, contract.shard_name(split, index, num_shards))
   length = 0
-  with atomic_path(path) as temporary:
-    with tf.io.TFRecordWriter(temporary) as writer:
+  with files.atomic_path(path) as temporary:
+    with files.tensorflow().io.TFRecordWriter(temporary) as writer:
       for example in examples:
         writer.write(example)
         length += 1

@@ -9,7 +9,7 @@ For one split, in this order::
 
 Nothing holds the data set in memory: peak memory is bounded by the shuffle
 buffer and the prefetched batches, whatever the size of the split. Images stay
-uint8 to the device; the model scales them (see agegender.preprocess), and
+uint8 to the device; the model scales them (see agegender.data.preprocess), and
 the training step flips and shifts them there, so the CPU's work per image
 is the decode and the resize alone.
 
@@ -28,10 +28,11 @@ from typing import Any, Callable
 from absl import logging
 import tensorflow as tf
 
-from agegender import config as config_lib
+from agegender.training import config as config_lib
 from agegender import contract
-from agegender import preprocess
-from agegender import shard_reader
+from agegender.data import preprocess
+from agegender.data import service
+from agegender.data import shard_reader
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Shards read at once in training; more mixes better, each costs a read buffer.
@@ -84,8 +85,8 @@ def _to_model_inputs(images, features, include_metadata: bool):
 
 def make_dataset(data: config_lib.DataConfig, split: str, *, training: bool = False,
                  input_context: tf.distribute.InputContext | None = None,
-                 include_metadata: bool = False,
-                 drop_remainder: bool = False) -> tf.data.Dataset:
+                 include_metadata: bool = False, drop_remainder: bool = False,
+                 manifest: dict[str, Any] | None = None) -> tf.data.Dataset:
   """The batches of one split of the records under `data.records_dir`.
 
   Yields `(images, targets)`: images uint8 [B, S, S, 3] (S = data.image_size),
@@ -104,8 +105,9 @@ def make_dataset(data: config_lib.DataConfig, split: str, *, training: bool = Fa
   input_context: this input pipeline reads shards i, i+n, ... of the split
     (or, with fewer shards than pipelines, every n-th record of all of them),
     and `data.batch_size` is the global batch, divided among the replicas.
+  manifest: the records' manifest, when the caller has read it (read here otherwise).
   """
-  manifest = contract.read_manifest(data.records_dir)
+  manifest = manifest or contract.read_manifest(data.records_dir)
   storage = contract.image_storage(manifest)
   paths, counts, every = _split_shards(manifest, split, input_context)
   batch_size = data.batch_size
@@ -147,10 +149,9 @@ def make_dataset(data: config_lib.DataConfig, split: str, *, training: bool = Fa
         tf.data.experimental.AutoShardPolicy.OFF)
   batches = batches.with_options(options)
   if training and data.data_service:
-    from agegender import data_service  # pylint: disable=g-import-not-at-top
-    batches = data_service.distribute(batches, data.data_service,
-                                      timeout=data.data_service_timeout or None)
-  return batches.prefetch(AUTOTUNE).with_options(options)
+    batches = service.distribute(batches, data.data_service,
+                                 timeout=data.data_service_timeout or None)
+  return batches.prefetch(AUTOTUNE)
 
 
 def distribute_dataset(dataset_or_fn: tf.data.Dataset | Callable[[tf.distribute.InputContext],

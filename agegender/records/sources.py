@@ -4,7 +4,7 @@ A source spec is one of:
 
 - ``kaggle``: Kaggle's ``jangedoo/utkface-new``, through kagglehub (which keeps
   its own cache; see kagglehub's KAGGLEHUB_CACHE setting);
-- ``synthetic``: generated faces (agegender.synthetic);
+- ``synthetic``: generated faces (agegender.records.synthetic);
 - a path to a folder (searched recursively, symlinked folders followed), a
   ``.tar``, ``.tar.gz``/``.tgz`` or ``.zip`` archive. Folder paths with a
   scheme (``gs://...``) are read through tf.io.gfile.
@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import posixpath
 import tarfile
 import zipfile
 from typing import Any, Callable, Iterator
 
 from agegender import contract
+from agegender import files
+from agegender.records import synthetic
 
 KAGGLE = 'kaggle'
 SYNTHETIC = 'synthetic'
@@ -36,8 +37,6 @@ KAGGLE_DATASET = 'jangedoo/utkface-new'
 TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
 ZIP_SUFFIXES = ('.zip',)
 DEFAULT_MAX_FILE_BYTES = 32 * 2**20  # Far above any face crop (UTKFace's are about 6 KB).
-# Operating-system litter that is not part of any data set.
-_IGNORED_PARTS = ('__MACOSX',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +84,7 @@ def open_source(spec: str, *, synthetic_count: int = 3000, seed: int = 0,
 def open_path(path: str, spec: str | None = None,
               max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Source:
   spec = path if spec is None else spec
-  if '://' in path:
-    return _folder_source(path, spec, max_file_bytes)
-  if os.path.isdir(path):
+  if files.is_url(path) or os.path.isdir(path):
     return _folder_source(path, spec, max_file_bytes)
   if not os.path.exists(path):
     raise contract.ArgumentError(
@@ -103,11 +100,7 @@ def open_path(path: str, spec: str | None = None,
       '(.tar, .tar.gz, .tgz, .zip)')
 
 
-def ignored(name: str) -> bool:
-  """Hidden files and folders, and operating-system litter."""
-  parts = name.split('/')
-  return any(part in _IGNORED_PARTS or part.startswith('.') and part not in ('.', '..')
-             for part in parts)
+ignored = files.ignored  # Hidden files and OS litter: left out of folders and archives alike.
 
 
 def _member_name(name: str) -> str:
@@ -117,7 +110,6 @@ def _member_name(name: str) -> str:
 
 
 def _synthetic_source(count: int, seed: int) -> Source:
-  from agegender import synthetic  # pylint: disable=g-import-not-at-top
   if count <= 0:
     raise contract.ArgumentError('synthetic_count',
                                  f'the synthetic count must be positive, got {count}')
@@ -133,103 +125,23 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
 
 def _kaggle_source(max_file_bytes: int) -> Source:
   try:
+    # Lazy: only the Kaggle source needs it, and it is slow to import.
     import kagglehub  # pylint: disable=g-import-not-at-top
     path = kagglehub.dataset_download(KAGGLE_DATASET)
   except Exception as e:  # pylint: disable=broad-except
     # Offline, kagglehub raises requests' ConnectionError; other failures
     # (credentials, quota) deserve the same way out.
     raise contract.ArgumentError(
-        KAGGLE, f'cannot download the UTKFace data set {KAGGLE_DATASET} from Kaggle '
+        'source', f'cannot download the UTKFace data set {KAGGLE_DATASET} from Kaggle '
         f'({type(e).__name__}: {_first_line(e)}); a local copy of UTKFace or the '
-        'synthetic source converts without network access') from None
+        'synthetic source converts without network access',
+        hint='without network access, set {source}=PATH to a local copy of UTKFace (a folder, '
+        "a .tar.gz or Kaggle's .zip), or {source}=synthetic for generated faces") from None
   source = open_path(str(path), spec=KAGGLE, max_file_bytes=max_file_bytes)
   return dataclasses.replace(source, kind=KAGGLE)
 
 
-# The one folder walker, for local folders and tf.io.gfile URLs alike.
-
-class _LocalFiles:
-  """Folder listing on the local file system; symlinks are followed."""
-
-  @staticmethod
-  def real(path: str) -> str:
-    return os.path.realpath(path)
-
-  @staticmethod
-  def entries(directory: str) -> Iterator[tuple[str, bool, int]]:
-    """(name, is a folder, size of a file) of what `directory` holds."""
-    with os.scandir(directory) as found:
-      for entry in found:
-        try:
-          if entry.is_dir():
-            yield entry.name, True, 0
-          elif entry.is_file():
-            yield entry.name, False, entry.stat().st_size
-        except OSError:
-          continue  # Vanished, or a link to nowhere: nothing to read.
-
-  @staticmethod
-  def read(path: str, limit: int) -> bytes:
-    with open(path, 'rb') as f:
-      return f.read(limit)
-
-
-class _GfileFiles:
-  """Folder listing through tf.io.gfile (gs:// and the like have no links)."""
-
-  @staticmethod
-  def real(path: str) -> str:
-    return path.rstrip('/')
-
-  @staticmethod
-  def entries(directory: str) -> Iterator[tuple[str, bool, int]]:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    for name in tf.io.gfile.listdir(directory):
-      path = posixpath.join(directory, name.rstrip('/'))
-      if tf.io.gfile.isdir(path):
-        yield name.rstrip('/'), True, 0
-      else:
-        yield name, False, tf.io.gfile.stat(path).length
-
-  @staticmethod
-  def read(path: str, limit: int) -> bytes:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    with tf.io.gfile.GFile(path, 'rb') as f:
-      return f.read(limit)
-
-
-def _files_of(root: str):
-  return _GfileFiles if '://' in root else _LocalFiles
-
-
-def folder_files(root: str) -> list[tuple[str, str, int]]:
-  """(name relative to root, path, size) of every file under `root`, sorted by name.
-
-  The one listing every runner uses, so they all see the same names. Symlinked
-  folders are followed, and each real folder is read once (under the first
-  name that reaches it), so a link loop or a second link to a folder adds nothing.
-  """
-  files_of = _files_of(root)
-  seen, found = set(), []
-
-  def walk(directory: str, prefix: str) -> None:
-    real = files_of.real(directory)
-    if real in seen:
-      return
-    seen.add(real)
-    for name, is_folder, size in sorted(files_of.entries(directory)):
-      relative = prefix + name
-      if ignored(relative):
-        continue
-      path = posixpath.join(directory, name) if files_of is _GfileFiles else os.path.join(
-          directory, name)
-      if is_folder:
-        walk(path, relative + '/')
-      else:
-        found.append((relative, path, size))
-  walk(root, '')
-  return sorted(found)
-
+# Folders: listed by files.walk, the one folder walker.
 
 def read_file(name: str, path: str, size: int,
               max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[str, bytes | TooLarge]:
@@ -238,7 +150,7 @@ def read_file(name: str, path: str, size: int,
     return name, TooLarge(size, max_file_bytes)
   # At most one byte past the bound: a file that grew since it was listed is not read whole.
   try:
-    data = _files_of(path).read(path, max_file_bytes + 1)
+    data = files.read_bytes(path, max_file_bytes + 1)
   except OSError as e:
     raise contract.ArgumentError('source', f'cannot read {path}: {_first_line(e)}') from None
   if len(data) > max_file_bytes:
@@ -247,16 +159,14 @@ def read_file(name: str, path: str, size: int,
 
 
 def _folder_source(root: str, spec: str, max_file_bytes: int) -> Source:
-  if '://' in root:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    if not tf.io.gfile.isdir(root):
-      raise contract.ArgumentError('source', f'source {spec!r} is not a folder')
-  files = folder_files(root)
+  if files.is_url(root) and not files.isdir(root):
+    raise contract.ArgumentError('source', f'source {spec!r} is not a folder')
+  listed = files.walk(root)
 
   def entries():
-    for name, path, size in files:
+    for name, path, size in listed:
       yield read_file(name, path, size, max_file_bytes)
-  return Source(spec=spec, kind='folder', location=root, total=len(files), entries=entries)
+  return Source(spec=spec, kind='folder', location=root, total=len(listed), entries=entries)
 
 
 # Archives.

@@ -24,6 +24,9 @@ COUNT_BLOCK = 64
 class DamagedShardError(contract.RecordsError):
   """A shard whose records do not match its manifest (corrupt or truncated)."""
 
+  def __init__(self, message: str):
+    super().__init__(message, hint='{skip_corrupt} skips corrupt records')
+
 
 # The start of the error a damaged shard raises while a dataset is read.
 DAMAGED_SHARD = 'corrupt or truncated shard '

@@ -1,6 +1,6 @@
 """The dual-output Keras model: gender (sigmoid) and age (regression) heads.
 
-Every model takes uint8 pixels [B, S, S, 3] (what agegender.preprocess gives)
+Every model takes uint8 pixels [B, S, S, 3] (what agegender.data.preprocess gives)
 and scales them itself, on the device, as its first layer; it returns
 ``{'gender_output': [B, 1], 'age_output': [B, 1]}``: the probability of
 female (UTKFace's gender 1) and the age in years. The age head predicts in
@@ -16,15 +16,9 @@ import contextlib
 
 import keras
 
-from agegender import config as config_lib
+from agegender.training import config as config_lib
 from agegender import contract
 
-# keras.applications backbones, by the name the configuration uses.
-BACKBONES = {
-    'resnet50': 'ResNet50',
-    'efficientnet_b0': 'EfficientNetB0',
-    'mobilenet_v3_small': 'MobileNetV3Small',
-}
 # Conv filters and dense units when the configuration leaves them empty.
 DEFAULT_FILTERS = {'tiny': (16, 32, 64)}
 SEED_FILTERS = (64, 128, 256)
@@ -36,8 +30,11 @@ COMPACT_LAYERS = ((32, 2), (64, 2), (64, 1), (128, 2), (128, 1), (256, 2), (256,
 BN_MOMENTUM = 0.9
 
 
-class WeightsUnavailable(ValueError):
+class WeightsUnavailable(contract.ArgumentError):
   """Pretrained weights that could not be loaded (offline, most often)."""
+
+  def __init__(self, message: str):
+    super().__init__('weights', message, hint='check the network or set {weights} to none')
 
 
 @keras.saving.register_keras_serializable(package='agegender')
@@ -106,7 +103,7 @@ def _compact_net(pixels):
 
 
 def _backbone(name: str, pixels, weights: str):
-  application = getattr(keras.applications, BACKBONES[name])
+  application = getattr(keras.applications, config_lib.BACKBONES[name])
   try:
     base = application(include_top=False, weights=None if weights == 'none' else weights,
                        input_shape=tuple(pixels.shape[1:]), pooling='avg')
@@ -139,7 +136,7 @@ def build_model(model: config_lib.ModelConfig, image_size: int, *, mean_age: flo
   name = model.model
   with dtype_policy(model.mixed_precision):
     pixels = keras.Input((image_size, image_size, 3), dtype='uint8', name='image')
-    if name in BACKBONES:
+    if name in config_lib.BACKBONES:
       features = _backbone(name, pixels, model.weights)
     elif name == 'compact_cnn':
       features = _compact_net(pixels)

@@ -1,9 +1,12 @@
 """The per-image conversion: one source file to one record, or to the reason why not.
 
-`convert_image(name, data, options)` is pure: parse the labels from the name,
-decode the image once to validate it, hash the bytes, pick the split from the
-hash and serialize the record. Every runner (the local process pool, Apache
-Beam) runs exactly this function, so they write the same bytes.
+`convert_image(name, data, options, labels=None)` is pure: take the labels
+(looked up in a table by the runner, or parsed from the name: UTKFace's form
+or options.name_pattern), decode the image once to validate it, with
+options.find_faces find the face and crop it aligned by the eyes
+(agegender.faces), hash the bytes, pick the split from the hash and serialize
+the record. Every runner (the local process pool, Apache Beam) runs exactly
+this function, so they write the same bytes; it never imports TensorFlow.
 
 Where a record lands follows from its content hash alone:
 
@@ -12,7 +15,10 @@ Where a record lands follows from its content hash alone:
 - shard: the split's hash range cut into `num_shards` equal parts;
 - order within a shard: by hash (ties, which are copies, by name).
 
-So a split never changes when files are renamed, reordered or added.
+So a split never changes when files are renamed, reordered or added. With
+find_faces the hash is still that of the source file's bytes (the photo), not
+of the crop: the crop follows from the photo, and copies of a photo are found
+before any detection could differ.
 
 Images that are not RGB JPEGs (a PNG named .jpg, grayscale or CMYK JPEGs) are
 re-encoded as RGB JPEG rather than rejected: what lands always decodes with
@@ -27,13 +33,16 @@ import dataclasses
 import hashlib
 import io
 import math
+import os
 import warnings
 
+import numpy as np
 from PIL import Image
 
 from agegender import contract
-from agegender import labels as labels_lib
-from agegender import sources
+from agegender import faces
+from agegender.records import labels as labels_lib
+from agegender.records import sources
 
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 DEFAULT_JPEG_QUALITY = 95
@@ -52,6 +61,10 @@ NOT_AN_IMAGE = 'not an image'
 TOO_MANY_PIXELS = 'too many pixels'
 TRUNCATED = 'truncated image'
 CORRUPT = 'corrupt image'
+NO_LABEL_ROW = labels_lib.NO_ROW    # --labels: no row names the file.
+BAD_LABEL_ROW = labels_lib.BAD_ROW  # --labels: its row has a bad value, or is duplicated.
+NO_FACE = 'no face'                 # --find_faces.
+TWO_FACES = 'faces of similar size'  # --find_faces: whose labels are these?
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +74,8 @@ class ConvertOptions:
   jpeg_quality: int = DEFAULT_JPEG_QUALITY  # For every re-encoded image.
   max_pixels: int = DEFAULT_MAX_PIXELS
   large_images: str = DOWNSCALE
+  name_pattern: str | None = None  # Labels from names by this pattern; None: UTKFace's names.
+  find_faces: bool = False         # Store the aligned crop of the photo's face.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,17 +132,43 @@ def shard_of(position: int, split_range: tuple[int, int], num_shards: int) -> in
   return (position - start) * num_shards // (end - start)
 
 
-def _open(data: bytes) -> Image.Image:
+class _Stream(io.BytesIO):
+  """The image's bytes as PIL reads them, remembering how reads met the end of the data.
+
+  A decoder that fails after asking for more bytes once it had them all (`past_end`), or a
+  header parser that fails after a read came back short (`at_end`), ran out of data: the
+  file is truncated. Any other failure is bad data inside the file.
+  """
+
+  at_end = past_end = False
+
+  def read(self, size: int | None = -1) -> bytes:
+    chunk = super().read(size)
+    if size is not None and 0 <= size != len(chunk):
+      self.past_end |= self.at_end and not chunk
+      self.at_end = True
+    return chunk
+
+
+def _open(data: bytes) -> tuple[Image.Image, _Stream]:
   """Reads the header only; PIL's own pixel bound is ours to report, not a warning."""
+  stream = _Stream(data)
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-      return Image.open(io.BytesIO(data))
+      return Image.open(stream), stream
   except Image.UnidentifiedImageError:
     # PIL's message names the buffer's address, which would differ between runs.
     raise ImageRejected(NOT_AN_IMAGE, 'cannot identify image file') from None
   except Image.DecompressionBombError as e:
     raise ImageRejected(TOO_MANY_PIXELS, str(e)) from None
+  except Exception as e:  # pylint: disable=broad-except
+    # A header cut short or out of shape: plugins raise OSError, SyntaxError, struct.error...
+    raise ImageRejected(TRUNCATED if stream.at_end else CORRUPT, _detail(e)) from None
+
+
+def _detail(error: Exception) -> str:
+  return str(error) if isinstance(error, OSError) else f'{type(error).__name__}: {error}'
 
 
 def _fitted_size(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
@@ -147,7 +188,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
   """
   if not data:
     raise ImageRejected(EMPTY, 'the file has no bytes')
-  image = _open(data)
+  image, stream = _open(data)
   width, height = image.size
   if width < 1 or height < 1:
     raise ImageRejected(CORRUPT, f'image of size {image.size}')
@@ -160,12 +201,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     image.draft('RGB', _fitted_size(image.size, max_pixels))  # Decodes at 1/2..1/8 scale.
   try:
     image.load()
-  except OSError as e:
-    kind = TRUNCATED if 'truncated' in str(e) else CORRUPT
-    raise ImageRejected(kind, str(e)) from None
   except Exception as e:  # pylint: disable=broad-except
-    # Decoders raise what they like on bad data (SyntaxError, ValueError...).
-    raise ImageRejected(CORRUPT, f'{type(e).__name__}: {e}') from None
+    # Decoders raise what they like on bad data (OSError, SyntaxError, ValueError...).
+    raise ImageRejected(TRUNCATED if stream.past_end else CORRUPT, _detail(e)) from None
   if too_many:
     image = image.convert('RGB').resize(_fitted_size((width, height), max_pixels),
                                         Image.Resampling.BILINEAR)
@@ -178,10 +216,29 @@ def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
   return buffer.getvalue()
 
 
+def face_crop(image: Image.Image, size: int = faces.CROP_SIZE) -> np.ndarray:
+  """The size x size crop of the photo's subject, aligned by the eyes as UTKFace's crops are;
+  raises ImageRejected when there is no face, or two of similar size."""
+  pixels = np.asarray(image.convert('RGB'))
+  found = faces.detect(pixels)
+  if not found:
+    raise ImageRejected(NO_FACE, 'no face found')
+  try:
+    subject = faces.subject(found)
+  except ValueError as e:  # With faces found, subject() refuses only two of similar size.
+    raise ImageRejected(TWO_FACES, str(e)) from None
+  return faces.align(pixels, subject, size=size)
+
+
 def stored_image(image: Image.Image, data: bytes, options: ConvertOptions,
                  downscaled: bool = False) -> bytes:
   """The bytes of the `image` feature under the chosen storage."""
   storage = options.storage
+  if options.find_faces:
+    crop = face_crop(image, storage.size or faces.CROP_SIZE)
+    if storage.format == contract.RAW:
+      return crop.tobytes()
+    return _encode_jpeg(Image.fromarray(crop), options.jpeg_quality)
   if (storage.is_source_bytes and not downscaled and image.format == 'JPEG' and
       image.mode == 'RGB'):
     return data  # The common case: the source's bytes, unchanged.
@@ -193,13 +250,35 @@ def stored_image(image: Image.Image, data: bytes, options: ConvertOptions,
   return _encode_jpeg(rgb, options.jpeg_quality)
 
 
-def convert_image(name: str, data: bytes | sources.TooLarge,
-                  options: ConvertOptions) -> Converted | Rejected:
-  """One source file to a record, or to the reason it cannot be one."""
+def check_faces() -> None:
+  """Raises contract.ArgumentError about `find_faces` when faces cannot be found here (no
+  OpenCV, or no detector model): up front, before any worker starts."""
   try:
-    labels = labels_lib.parse_utkface_name(name)
-  except labels_lib.LabelError as e:
-    return Rejected(name, BAD_NAME, str(e))
+    faces.detect(np.zeros((32, 32, 3), np.uint8))
+  except ImportError as e:
+    raise contract.ArgumentError('find_faces', str(e)) from None
+
+
+def _labels_of(name: str, options: ConvertOptions) -> labels_lib.Labels:
+  if options.name_pattern is not None:
+    return labels_lib.parse_pattern_name(name, options.name_pattern)
+  return labels_lib.parse_utkface_name(name)
+
+
+def convert_image(name: str, data: bytes | sources.TooLarge, options: ConvertOptions,
+                  labels: labels_lib.Labels | labels_lib.NoLabels | None = None
+                  ) -> Converted | Rejected:
+  """One source file to a record, or to the reason it cannot be one.
+
+  `labels`: the file's labels from a table (or why it has none); None: from its name.
+  """
+  if isinstance(labels, labels_lib.NoLabels):
+    return Rejected(name, labels.kind, labels.reason)
+  if labels is None:
+    try:
+      labels = _labels_of(name, options)
+    except labels_lib.LabelError as e:
+      return Rejected(name, BAD_NAME, str(e))
   if isinstance(data, sources.TooLarge):
     return Rejected(name, TOO_LARGE, f'{data.size} bytes, more than the bound of '
                                      f'{data.limit} (not read)')
@@ -214,3 +293,20 @@ def convert_image(name: str, data: bytes | sources.TooLarge,
                    split=split_of(hash_position(content_hash), options.split),
                    example=example, name=name, labels=labels,
                    downscaled_from=downscaled_from)
+
+
+def convert_entry(entry: tuple, options: ConvertOptions) -> Converted | Rejected:
+  """convert_image of a source entry: (name, bytes) or (name, bytes, labels from a table)."""
+  return convert_image(entry[0], entry[1], options, entry[2] if len(entry) > 2 else None)
+
+
+_ONE_THREAD = set()  # Processes whose OpenCV was set to one thread.
+
+
+def convert_in_worker(entry: tuple, options: ConvertOptions) -> Converted | Rejected:
+  """convert_entry in a runner's worker process: the pool already fills every core, so face
+  detection keeps to one thread (faces.set_threads)."""
+  if options.find_faces and os.getpid() not in _ONE_THREAD:
+    faces.set_threads(1)
+    _ONE_THREAD.add(os.getpid())
+  return convert_entry(entry, options)

@@ -18,9 +18,9 @@ from typing import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from agegender import config as config_lib
+from agegender.training import config as config_lib
 from agegender import contract
-from agegender import preprocess
+from agegender.data import preprocess
 
 G, A = contract.GENDER_OUTPUT, contract.AGE_OUTPUT
 # The quantity that picks the best model, reduces the learning rate and stops early.

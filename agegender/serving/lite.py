@@ -10,7 +10,7 @@ removes them):
 Each has one signature, `serving_default`, with one input and two outputs:
 
   image               uint8 [N, S, S, 3]: RGB pixels at the model's input size S
-                      (decoded and resized outside TFLite, by agegender.preprocess;
+                      (decoded and resized outside TFLite, by agegender.data.preprocess;
                       the model's first layer scales them to [0, 1])
   age                 float32 [N]: years
   gender_probability  float32 [N]: the probability of female (UTKFace's gender 1)
@@ -28,8 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from agegender import files
 from agegender import contract
-from agegender import run_state
 
 TFLITE_FILE = 'model.tflite'
 TFLITE_FP16_FILE = 'model_fp16.tflite'
@@ -65,16 +65,8 @@ def _write_serving_saved_model(model: keras.Model, directory: str) -> None:
   archive.track(model)
   archive.add_endpoint(SIGNATURE, serve, input_signature=[
       tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT_NAME)])
-  with run_state.quiet():
+  with files.quiet():
     archive.write_out(directory, verbose=False)
-
-
-def _write_atomically(path: str, content: bytes) -> None:
-  # Beside the target and moved into place: a reader never sees half a model.
-  partial = f'{path}.partial'
-  with open(partial, 'wb') as f:
-    f.write(content)
-  os.replace(partial, path)
 
 
 def convert_tflite(model: keras.Model, output_dir: str) -> dict[str, str]:
@@ -88,9 +80,9 @@ def convert_tflite(model: keras.Model, output_dir: str) -> dict[str, str]:
       if precision == 'float16':
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
-      with run_state.quiet():
+      with files.quiet():
         content = converter.convert()
-      _write_atomically(path, content)
+      files.write_bytes(path, content)
   return paths
 
 

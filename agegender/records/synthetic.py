@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from agegender import labels as labels_lib
+from agegender.records import labels as labels_lib
 
 MAX_SYNTHETIC_AGE = 90
 # Skin tones by race (White, Black, Asian, Indian, Others), RGB at mid age.
