@@ -33,6 +33,8 @@ import posixpath
 import re
 from typing import Any
 
+from agegender import files
+
 DATASET_NAME = 'utkface'
 VERSION = '1.0.0'
 SPLITS = ('train', 'validation', 'test')
@@ -193,7 +195,7 @@ def serialize_example(image: bytes, age: int, gender: int, race: int,
 
 def feature_spec() -> dict[str, Any]:
   """The tf.io parsing spec of one record."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = files.tensorflow()
   spec = {IMAGE: tf.io.FixedLenFeature([], tf.string),
           FILE_NAME: tf.io.FixedLenFeature([], tf.string)}
   spec.update({key: tf.io.FixedLenFeature([], tf.int64) for key in INT_KEYS})
@@ -216,25 +218,23 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 
 def resolve_dataset_dir(records_dir: str) -> str:
   """Accepts either a records root or the data set folder itself."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   records_dir = str(records_dir)
-  if tf.io.gfile.exists(posixpath.join(records_dir, MANIFEST_NAME)):
+  if files.exists(posixpath.join(records_dir, MANIFEST_NAME)):
     return records_dir
   return dataset_dir(records_dir)
 
 
 def read_manifest(records_dir: str) -> dict[str, Any]:
   """Reads the manifest of the records under `records_dir` (root or data set folder)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   directory = resolve_dataset_dir(records_dir)
   path = posixpath.join(directory, MANIFEST_NAME)
-  if not tf.io.gfile.exists(path):
+  if not files.exists(path):
     raise RecordsError(
         f'no records at {records_dir}: {path} is missing. '
         'Run `python -m agegender.make_records` first (or point --records_dir '
         'at its output).')
   try:
-    with tf.io.gfile.GFile(path, 'r') as f:
+    with files.open_file(path, 'rb') as f:
       manifest = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise RecordsError(f'{path} is not valid JSON: {e}') from None

@@ -1,8 +1,9 @@
 """beam_records: the Beam runner writes the local runner's output, byte for byte.
 
-Beam start-up is slow, so one module fixture runs each conversion once (local
-and DirectRunner, on the synthetic set and on a folder with copies and bad
-files) and the tests compare what they wrote.
+Beam start-up is slow, so module fixtures run each conversion once (local and
+DirectRunner: on the synthetic set, on a folder with copies and bad files, and
+on photos with --find_faces and a --labels table) and the tests compare what
+they wrote.
 """
 
 import contextlib
@@ -180,6 +181,47 @@ def test_without_beam_the_beam_runner_says_how_to_install_it(monkeypatch, tmp_pa
                                              f'--records_dir={tmp_path}')
   assert status in (0, None), stderr
   assert 'total 5' in stdout
+
+
+@pytest.fixture(scope='module')
+def face_outputs(tmp_path_factory):
+  """{'local' | 'beam': data set folder} of photos converted with --find_faces and --labels.
+
+  Beam runs on threads here (Beam still pickles every step, the table among its arguments):
+  its worker processes start in seconds, and the fixture above already has them.
+  """
+  pytest.importorskip('apache_beam', reason="Apache Beam is not installed: pip install -e '.[beam]'")
+  root = tmp_path_factory.mktemp('beam-faces')
+  photos = {f'photos/p{index}.jpg': folders.face_photo(index) for index in range(4)}
+  photos.update({'photos/empty.jpg': folders.no_face_photo(), 'photos/two.jpg':
+                 folders.two_faces_photo(), 'photos/no_row.jpg': folders.face_photo(9)})
+  rows = [f'photos/p{index}.jpg,{20 + index},{"mf"[index % 2]},' for index in range(4)]
+  rows += ['photos/empty.jpg,30,,1', 'photos/two.jpg,40,f,2', 'photos/gone.jpg,50,m,3']
+  table = root / 'labels.csv'
+  table.write_text('path,age,gender,race\n' + '\n'.join(rows) + '\n')
+  folder = folders.write_folder(root / 'src', photos)
+  threads = BEAM_OPTIONS.replace('multi_processing', 'multi_threading')
+  result = {}
+  for runner in ('local', 'beam'):
+    out = str(root / runner)
+    records.build(folder, out, labels=str(table), find_faces=True, num_shards=2, workers=2,
+                  runner=runner, beam_pipeline_options=threads, progress=False)
+    result[runner] = contract.dataset_dir(out)
+  return result
+
+
+def test_found_faces_and_table_labels_are_byte_identical(face_outputs):
+  local, beam = (folders.read_folder(face_outputs[runner]) for runner in ('local', 'beam'))
+  assert local.keys() == beam.keys()
+  for name in local:
+    if name != contract.MANIFEST_NAME:
+      assert beam[name] == local[name], name
+  manifest = _without_timings(beam[contract.MANIFEST_NAME])
+  assert manifest == _without_timings(local[contract.MANIFEST_NAME])
+  assert manifest['summary']['accepted_total'] == 4
+  assert manifest['summary']['rejected'] == {convert.NO_LABEL_ROW: 1, convert.NO_FACE: 1,
+                                             convert.TWO_FACES: 1}
+  assert [row['file'] for row in manifest['label_rows_rejected']] == ['photos/gone.jpg']
 
 
 def test_a_beam_run_that_finds_nothing_keeps_the_existing_records(outputs, tmp_path):

@@ -1,6 +1,8 @@
 """The make_records command line: flags, summary, one-line errors and exit codes."""
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -11,12 +13,15 @@ from absl.testing import flagsaver
 
 from agegender import cli
 from agegender import contract
+from agegender import faces
 from agegender import make_records
+from agegender import options
+from agegender.records import conversion
 
 FLAG_NAMES = ('source', 'records_dir', 'split', 'image_format', 'image_size', 'jpeg_quality',
               'shard_size_mb', 'num_shards', 'workers', 'synthetic_count', 'seed',
               'overwrite', 'skip_if_done', 'label_conflicts', 'max_file_mb', 'max_image_pixels',
-              'large_images')
+              'large_images', 'labels', 'name_pattern', 'find_faces')
 
 
 def _run(monkeypatch, *args):
@@ -39,6 +44,16 @@ def _error_line(capsys):
 def test_every_flag_is_defined_in_the_module():
   defined = {flag.name for flag in flags.FLAGS.get_flags_for_module(make_records)}
   assert set(FLAG_NAMES) <= defined
+
+
+def test_helpfull_shows_each_flag_once_with_its_fields_default():
+  text = flags.FLAGS.get_help()  # What --helpfull prints.
+  for field in dataclasses.fields(conversion.ConvertConfig):
+    shown = re.findall(rf'^  --(?:\[no\])?{field.name}:', text, flags=re.MULTILINE)
+    assert len(shown) == 1, field.name
+    default = options.default_of(field)
+    assert flags.FLAGS[field.name].default == (
+        [str(v) for v in default] if isinstance(default, tuple) else default), field.name
 
 
 def test_converts_and_then_is_up_to_date(monkeypatch, capsys, tmp_path):
@@ -74,6 +89,10 @@ def test_converts_and_then_is_up_to_date(monkeypatch, capsys, tmp_path):
     (('--source=synthetic', '--label_conflicts=vote'), 'label_conflicts'),
     (('--source=synthetic', '--image_format=png'), 'image_format'),
     (('--source=synthetic', 'extra'), 'unexpected arguments'),
+    (('--source=synthetic', '--labels=faces.csv'), '--labels is for a folder or an archive'),
+    (('--source=.', '--labels=/no/such/table.csv'), 'labels table /no/such/table.csv does not'),
+    (('--source=.', '--name_pattern=(?P<age>'), '--name_pattern is not a regular expression'),
+    (('--source=.', '--labels=x.csv', '--name_pattern=x'), 'unset --labels or --name_pattern'),
 ])
 def test_bad_input_is_one_line_and_status_2(monkeypatch, capsys, tmp_path, args, message):
   assert _run(monkeypatch, f'--records_dir={tmp_path}', *args) == 2
@@ -89,6 +108,13 @@ def test_offline_kaggle_is_one_line(monkeypatch, capsys, tmp_path):
   assert _run(monkeypatch, f'--records_dir={tmp_path}') == 2
   line = _error_line(capsys)
   assert '--source=PATH' in line and '--source=synthetic' in line
+
+
+def test_without_opencv_find_faces_is_one_line(monkeypatch, capsys, tmp_path):
+  monkeypatch.setitem(sys.modules, 'cv2', None)  # `import cv2` fails.
+  assert _run(monkeypatch, f'--records_dir={tmp_path}', '--source=.', '--find_faces') == 2
+  line = _error_line(capsys)
+  assert line.endswith(f'error: {faces.MISSING_OPENCV} (check --find_faces)')
 
 
 def test_the_real_command_line(tmp_path):

@@ -131,13 +131,21 @@ def read_shard(path: tf.Tensor, expected: tf.Tensor, skip_corrupt: bool) -> tf.d
   return blocks.concatenate(end).scan(tf.constant(0, tf.int64), count).unbatch()
 
 
-def damaged_shard_message(error: BaseException) -> str | None:
-  """The damaged-shard sentence inside a TensorFlow error raised while reading, or None."""
-  text = str(error)
-  start = text.find(DAMAGED_SHARD)
-  if start < 0:
-    return None
-  end = text.find(' records its manifest lists', start)
-  if end < 0:
-    return text[start:].splitlines()[0]
-  return text[start:end + len(' records its manifest lists')]
+def count_records(path: str) -> int:
+  """The records of a TFRecord file that read whole, up to its first damage."""
+  dataset = tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES).ignore_errors()
+  return int(dataset.batch(COUNT_BLOCK).reduce(
+      tf.constant(0, tf.int64), lambda total, block: total + tf.size(block, tf.int64)))
+
+
+def find_damaged(manifest: dict, splits) -> DamagedShardError | None:
+  """The first shard of `splits` whose records do not match the manifest's count, as the error
+  to raise; None when every shard is whole. Run after a read failed, to say which shard."""
+  for split in splits:
+    shards = manifest['splits'][split]['shards']
+    for path, shard in zip(contract.split_shards(manifest, split), shards):
+      read, expected = count_records(path), int(shard['num_examples'])
+      if read != expected:
+        return DamagedShardError(f'{DAMAGED_SHARD}{path}: read {read} of the {expected} records '
+                                 'its manifest lists')
+  return None

@@ -14,9 +14,9 @@ start N x cores threads that fight over the same cores.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.resources
-import math
 import os
 import threading
 from typing import NamedTuple
@@ -40,8 +40,9 @@ MAX_SIDE = 1280
 # The detector's own settings: boxes overlapping more than this are one face; the most it keeps.
 NMS_THRESHOLD = 0.3
 TOP_K = 5000
-# Searched by default, in degrees counter-clockwise: YuNet finds faces turned up to about 45
-# degrees; turned more it still finds some but puts their eyes where an upright face's would be.
+# Searched by default, in degrees counter-clockwise (three detections' time): YuNet finds faces
+# turned up to about 45 degrees; turned more it still finds some but puts their eyes where an
+# upright face's would be. Faces near 45 degrees are the weakest: half-turned for every search.
 TURNS = (0, 90, 270)
 # Across turns, a box with more than this share of its area inside a higher-scoring one is dropped.
 CONTAINED = 0.5
@@ -100,8 +101,24 @@ def _detector(process: int, thread: int):
   with importlib.resources.as_file(model) as path:
     if not os.path.isfile(path):
       raise ImportError(f'the face detector model is missing: {path}; reinstall agegender')
-    return cv2.FaceDetectorYN.create(str(path), '', (320, 320), SCORE_THRESHOLD, NMS_THRESHOLD,
-                                     TOP_K)
+    with _quiet(cv2):
+      return cv2.FaceDetectorYN.create(str(path), '', (320, 320), SCORE_THRESHOLD,
+                                       NMS_THRESHOLD, TOP_K)
+
+
+@contextlib.contextmanager
+def _quiet(cv2):
+  """OpenCV 5 warns, for every detector made, that its new engine ignores targets: not news."""
+  logging = getattr(cv2.utils, 'logging', None)  # 4.10 has none, and no such warning.
+  if logging is None:
+    yield
+    return
+  level = logging.getLogLevel()
+  logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+  try:
+    yield
+  finally:
+    logging.setLogLevel(level)
 
 
 def check_pixels(pixels) -> np.ndarray:
@@ -217,12 +234,6 @@ def subject(faces: list[Face], similar_size: float = SIMILAR_SIZE) -> Face:
     raise ValueError(f'{len(faces)} faces, two of similar size ({ranked[0].side:.0f} and '
                      f'{ranked[1].side:.0f} px): which one the labels describe is unclear')
   return ranked[0]
-
-
-def eye_distance(face_or_landmarks) -> float:
-  """The distance between the eyes, in the landmarks' pixels."""
-  (right_x, right_y), (left_x, left_y) = landmarks_of(face_or_landmarks)[:2]
-  return math.hypot(left_x - right_x, left_y - right_y)
 
 
 def landmarks_of(face_or_landmarks) -> np.ndarray:

@@ -254,7 +254,7 @@ def check_faces() -> None:
   """Raises contract.ArgumentError about `find_faces` when faces cannot be found here (no
   OpenCV, or no detector model): up front, before any worker starts."""
   try:
-    faces.detect(np.zeros((32, 32, 3), np.uint8))
+    faces.detect(np.full((64, 64, 3), 128, np.uint8))  # Mid-grey: all zeros can give NaN rows.
   except ImportError as e:
     raise contract.ArgumentError('find_faces', str(e)) from None
 

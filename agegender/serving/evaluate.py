@@ -13,11 +13,14 @@ import json
 import os
 from typing import Any
 
+from matplotlib import figure as figure_lib
 import numpy as np
 
 from agegender import contract
 from agegender import options
+from agegender.data import pipeline
 from agegender.records import labels as labels_lib
+from agegender.training import config as config_lib
 
 
 
@@ -114,10 +117,8 @@ def format_table(metrics: dict[str, Any], split: str = 'test') -> str:
 
 def plot_predicted_age(true_age, predicted_age, path: str) -> str:
   """A scatter PNG of predicted against true age, with the ideal diagonal."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  figure, axes = plt.subplots(figsize=(5, 5))
+  figure = figure_lib.Figure(figsize=(5, 5))  # No pyplot: no global state, no GUI backend.
+  axes = figure.subplots()
   top = float(max(np.max(true_age, initial=1), np.max(predicted_age, initial=1))) + 5
   axes.scatter(true_age, predicted_age, s=6, alpha=0.4)
   axes.plot([0, top], [0, top], color='black', linewidth=1, label='predicted = true')
@@ -126,20 +127,17 @@ def plot_predicted_age(true_age, predicted_age, path: str) -> str:
   axes.legend(loc='upper left')
   figure.tight_layout()
   figure.savefig(path, dpi=100)
-  plt.close(figure)
   return path
 
 
 # ---- Reading the records and running the model. ----
 
-def predict_split(model, records_dir: str, split: str = 'test',
-                  batch_size: int = 128) -> dict[str, np.ndarray]:
+def predict_split(model, records_dir: str, split: str = 'test', batch_size: int = 128,
+                  manifest: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
   """The model's predictions beside the labels, for every image of a split, in record order."""
-  from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top
-  from agegender.data import pipeline  # pylint: disable=g-import-not-at-top
   data = config_lib.DataConfig(records_dir=records_dir, batch_size=batch_size,
                                image_size=int(model.input_shape[1]))
-  dataset = pipeline.make_dataset(data, split, include_metadata=True)
+  dataset = pipeline.make_dataset(data, split, include_metadata=True, manifest=manifest)
   columns = {'true_age': [], 'predicted_age': [], 'true_gender': [],
              'gender_probability': [], 'race': []}
   for images, _, metadata in dataset:
@@ -161,10 +159,15 @@ def output_paths(output_dir: str, split: str) -> dict[str, str]:
 
 
 def evaluate_model(model, records_dir: str, *, split: str = 'test', output_dir: str | None = None,
-                   batch_size: int = 128) -> dict[str, Any]:
-  """Evaluates `model` on a split; writes metrics JSON, table and plot when output_dir is given."""
-  baseline = contract.label_statistics(contract.read_manifest(records_dir), 'train')
-  predictions = predict_split(model, records_dir, split, batch_size)
+                   batch_size: int = 128,
+                   manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Evaluates `model` on a split; writes metrics JSON, table and plot when output_dir is given.
+
+  manifest: the records' manifest, when the caller has read it (read here otherwise, once).
+  """
+  manifest = manifest or contract.read_manifest(records_dir)
+  baseline = contract.label_statistics(manifest, 'train')
+  predictions = predict_split(model, records_dir, split, batch_size, manifest)
   metrics = evaluation_metrics(
       predictions['true_age'], predictions['predicted_age'], predictions['true_gender'],
       predictions['gender_probability'], predictions['race'],

@@ -30,6 +30,7 @@ BACKBONES = {
 MODELS = ('compact_cnn', 'seed_cnn', 'tiny') + tuple(BACKBONES)
 STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
 AGE_LOSSES = ('huber', 'mae', 'mse')
+AGE_HEADS = ('distribution', 'regression')
 SCHEDULES = ('cosine', 'constant')
 WEIGHTS = ('none', 'imagenet')
 
@@ -61,6 +62,10 @@ class DataConfig:
 class ModelConfig:
   """The network: its architecture and precision."""
   model: str = options.option('compact_cnn', 'The model to train.', MODELS)
+  age_head: str = options.option(
+      'regression', 'distribution: a softmax over whole years 0-120, whose expectation is the '
+      'age and whose 10th and 90th percentiles are age_low and age_high (an 80% interval); '
+      'regression: one linear unit, the age alone (age_low = age_high = age).', AGE_HEADS)
   weights: str = options.option('none', 'Initial weights of a keras.applications backbone '
                         '(imagenet: downloaded).', WEIGHTS)
   filters: tuple[int, ...] = options.option((), 'Conv filters per block of seed_cnn and tiny '
@@ -82,8 +87,12 @@ class OptimConfig:
   schedule: str = options.option('cosine', 'cosine: warm up, then decay to 0 by the last epoch; '
                          'constant: the learning rate throughout.', SCHEDULES)
   warmup_steps: int = options.option(200, 'Steps of linear warm-up of the cosine schedule (at most a fifth of the run).', lower=0)
-  age_loss: str = options.option('huber', 'Age loss on the error in --age_unit units: huber (delta 1), '
-                         'mae or mse.', AGE_LOSSES)
+  age_loss: str = options.option('huber', 'Loss of the regression head on the age error in '
+                                 '--age_unit units: huber (delta 1), mae or mse.', AGE_LOSSES)
+  age_sigma: float = options.option(3.0, 'The distribution head\'s target: a Gaussian of this '
+                                    'many years around the true age (its loss: the KL '
+                                    'divergence from it plus the error of the expected age in '
+                                    '--age_unit units).', above=0)
   age_unit: str = options.option('std', 'Unit of the age error the loss sees: std (the training '
                          'split\'s age standard deviation, so the two heads\' losses are of '
                          'one scale) or years.', ('std', 'years'))
@@ -131,8 +140,8 @@ SECTIONS = {'data': DataConfig, 'model': ModelConfig, 'optim': OptimConfig, 'run
 # Named sets of values over the defaults. `reference`: the seed notebook's recipe.
 RECIPES: dict[str, dict[str, Any]] = {
     'default': {},
-    'reference': {'model': 'seed_cnn', 'augment': False, 'batch_norm': False, 'learning_rate': 1e-4,
-                  'weight_decay': 0.0, 'schedule': 'constant', 'age_loss': 'mse',
+    'reference': {'model': 'seed_cnn', 'age_head': 'regression', 'augment': False,
+                  'batch_norm': False, 'learning_rate': 1e-4, 'weight_decay': 0.0, 'schedule': 'constant', 'age_loss': 'mse',
                   'age_unit': 'years'},
 }
 

@@ -60,50 +60,59 @@ def split_sizes(manifest: dict[str, Any]) -> dict[str, int]:
   return sizes
 
 
-# What a resumed run must share with the run whose state it loads.
-_ARCHITECTURE = ('model', 'image_size')
+# What a resumed run must share with the run whose state it loads: the weights' shapes.
+ARCHITECTURE = ('model', 'image_size', 'filters', 'dense_units', 'weights', 'batch_norm',
+                'age_head')
+# What a run saved before a field existed had: its config.json lacks the field.
+_BEFORE_FIELD = {'age_head': 'regression'}
 
 
 def _check_same_model(config: config_lib.Config, model_dir: str) -> None:
-  """A run with saved state resumes only with the model that state came from."""
+  """A run with saved state resumes only with the architecture that state came from; other
+  changes (dropout, learning rate, epochs) are allowed and logged."""
   if not os.path.exists(os.path.join(model_dir, contract.CHECKPOINT_DIR)):
     return
   try:
-    with open(os.path.join(model_dir, 'config.json')) as f:
+    with open(os.path.join(model_dir, contract.CONFIG_FILE)) as f:
       saved = json.load(f)
   except (OSError, ValueError):
     return
   current = json.loads(json.dumps(config_lib.as_dict(config)))  # Tuples as JSON lists.
-  changed = [name for name in current['model'] if saved.get('model', {}).get(name)
-             != current['model'][name]]
-  if saved.get('data', {}).get('image_size') != config.data.image_size:
-    changed.append('image_size')
-  if changed:
+  changed = [(name, saved.get(section, {}).get(name, _BEFORE_FIELD.get(name)), value)
+             for section, values in current.items() for name, value in values.items()
+             if saved.get(section, {}).get(name, _BEFORE_FIELD.get(name)) != value]
+  architecture = [name for name, _, _ in changed if name in ARCHITECTURE]
+  if architecture:
     raise contract.ArgumentError(
-        'model_dir', f'model_dir {model_dir} holds a run of another model ({", ".join(changed)} '
-        'differ); choose another --model_dir, or delete it to start over')
+        'model_dir', f'model_dir {model_dir} holds a run of another model '
+        f'({", ".join(architecture)} differ); choose another --model_dir, or delete it to '
+        'start over')
+  for name, before, now in changed:
+    logging.info('resuming %s with %s=%r (was %r)', model_dir, name, now, before)
 
 
 def build_task(config: config_lib.Config, statistics: dict[str, Any], steps_per_epoch: int,
                global_batch_size: int):
   """The model, optimizer and metrics of a run (call under the strategy's scope)."""
   age_unit = statistics['age_std'] if config.optim.age_unit == 'std' else 1.0
+  # The regression head predicts in loss units; the distribution head starts at the ages' spread.
+  spread = age_unit if config.model.age_head == 'regression' else statistics['age_std']
   model = model_lib.build_model(config.model, config.data.image_size,
-                                mean_age=statistics['mean_age'], age_std=age_unit)
+                                mean_age=statistics['mean_age'], age_std=spread)
   optimizer = trainer.make_optimizer(config.optim, config.optim.epochs * steps_per_epoch,
                                      config.model.mixed_precision)
   optimizer.build(model.trainable_variables)
   return trainer.Task(model=model, optimizer=optimizer, optim=config.optim,
                       age_unit=float(age_unit), global_batch_size=global_batch_size,
-                      metrics=trainer.make_metrics(), augment=config.data.augment,
+                      metrics=trainer.make_metrics(config.model.age_head == 'distribution'),
+                      augment=config.data.augment,
                       seed=config.data.seed)
 
 
-def fit(config: config_lib.Config, strategy, model_dir: str, *, is_chief: bool,
-        callbacks: Sequence = ()):
+def fit(config: config_lib.Config, manifest: dict[str, Any], strategy, model_dir: str, *,
+        is_chief: bool, callbacks: Sequence = ()):
   """Trains (or resumes) under `strategy`, writing to model_dir; returns (task, state, epochs
   trained by this call)."""
-  manifest = contract.read_manifest(config.data.records_dir)
   sizes = split_sizes(manifest)
   if config.data.batch_size % strategy.num_replicas_in_sync:
     raise contract.ArgumentError('batch_size', f'batch_size={config.data.batch_size} must '
@@ -122,10 +131,10 @@ def fit(config: config_lib.Config, strategy, model_dir: str, *, is_chief: bool,
   first_epoch = state.restore()
   train_data = pipeline.distribute_dataset(
       lambda context: pipeline.make_dataset(config.data, 'train', training=True,
-                                            input_context=context), strategy)
+                                            input_context=context, manifest=manifest), strategy)
   validation_data = pipeline.distribute_dataset(
-      lambda context: pipeline.make_dataset(config.data, 'validation',
-                                            input_context=context), strategy)
+      lambda context: pipeline.make_dataset(config.data, 'validation', input_context=context,
+                                            manifest=manifest), strategy)
 
   def end_of_epoch(epoch: int, logs: dict, examples: int) -> bool:
     if examples < sizes['train']:
@@ -142,11 +151,11 @@ def fit(config: config_lib.Config, strategy, model_dir: str, *, is_chief: bool,
         epochs=config.optim.epochs, steps_per_epoch=steps_per_epoch, end_of_epoch=end_of_epoch,
         steps_per_execution=config.run.steps_per_execution, jit_compile=config.run.jit_compile,
         verbose=config.run.verbose, callbacks=callbacks)
-  except tf.errors.OpError as e:
-    message = shard_reader.damaged_shard_message(e)
-    if message is None:
+  except tf.errors.OpError:
+    damaged = shard_reader.find_damaged(manifest, ('train', 'validation'))
+    if damaged is None:
       raise
-    raise shard_reader.DamagedShardError(message) from None
+    raise damaged from None
   return task, state, trained
 
 
@@ -161,17 +170,19 @@ def train_and_evaluate(config: config_lib.Config, callbacks: Sequence = ()) -> d
   config_lib.check(config)
   model_dir = config.model_dir
   strategy = make_strategy(config.run.distribution_strategy)
+  manifest = contract.read_manifest(config.data.records_dir)  # Once: every stage gets it.
   if not strategy.extended.should_checkpoint:  # Another worker than the chief.
     with tempfile.TemporaryDirectory(prefix='agegender-worker-') as temporary:
-      _, _, trained = fit(config, strategy, config.run.worker_dir or temporary, is_chief=False,
-                          callbacks=callbacks)
+      _, _, trained = fit(config, manifest, strategy, config.run.worker_dir or temporary,
+                          is_chief=False, callbacks=callbacks)
     return {'model_dir': None, 'epochs_trained': trained, 'history': [], 'metrics': None,
             'export_dir': None}
   _check_same_model(config, model_dir)
   os.makedirs(model_dir, exist_ok=True)
   files.write_text(os.path.join(model_dir, contract.CONFIG_FILE),
                     json.dumps(config_lib.as_dict(config), indent=2))
-  task, state, trained = fit(config, strategy, model_dir, is_chief=True, callbacks=callbacks)
+  task, state, trained = fit(config, manifest, strategy, model_dir, is_chief=True,
+                             callbacks=callbacks)
   rows = state.history
   run_state.plot_learning_curves(rows, os.path.join(model_dir, contract.CURVES_FILE))
   best_path = os.path.join(model_dir, contract.MODEL_FILE)
@@ -179,7 +190,7 @@ def train_and_evaluate(config: config_lib.Config, callbacks: Sequence = ()) -> d
     task.model.save(best_path)  # No epoch had a finite validation MAE.
   best = export.load_keras_model(best_path)
   metrics = evaluate.evaluate_model(best, config.data.records_dir, split='test',
-                                    output_dir=model_dir)
+                                    output_dir=model_dir, manifest=manifest)
   export_dir = None
   if config.run.export:
     export_dir = export.export_saved_model(best, os.path.join(model_dir, contract.EXPORT_DIR))

@@ -1,13 +1,23 @@
-"""The dual-output Keras model: gender (sigmoid) and age (regression) heads.
+"""The dual-output Keras model: a gender (sigmoid) head and an age head of two kinds.
 
 Every model takes uint8 pixels [B, S, S, 3] (what agegender.data.preprocess gives)
 and scales them itself, on the device, as its first layer; it returns
-``{'gender_output': [B, 1], 'age_output': [B, 1]}``: the probability of
-female (UTKFace's gender 1) and the age in years. The age head predicts in
-units of the training split's age spread around its mean (a fixed affine
-layer turns that into years), so its first steps learn faces, not the scale
-of years. The heads always compute in float32, so mixed precision never
-rounds the outputs.
+``{'gender_output': [B, 1], 'age_output': [B, 1], ...}``: the probability of
+female (UTKFace's gender 1) and the age in years. The age head is one of
+(ModelConfig.age_head):
+
+  regression    one linear unit in units of the training split's age spread
+                around its mean (a fixed affine layer turns that into years),
+                so its first steps learn faces, not the scale of years. No
+                interval: `age_interval` gives low = high = age.
+  distribution  a softmax over the whole years 0..MAX_AGE (`age_distribution`,
+                [B, AGES]), started at a Gaussian of the training split's mean
+                and spread; `age_output` is its expectation, and `age_low`
+                and `age_high` ([B, 1]) its 10th and 90th percentiles (an 80%
+                interval), the years read as bins [k - 0.5, k + 0.5] so that
+                the percentiles fall between whole years.
+
+The heads always compute in float32, so mixed precision never rounds the outputs.
 """
 
 from __future__ import annotations
@@ -15,9 +25,11 @@ from __future__ import annotations
 import contextlib
 
 import keras
+import numpy as np
 
-from agegender.training import config as config_lib
 from agegender import contract
+from agegender.records import labels as labels_lib
+from agegender.training import config as config_lib
 
 # Conv filters and dense units when the configuration leaves them empty.
 DEFAULT_FILTERS = {'tiny': (16, 32, 64)}
@@ -28,6 +40,13 @@ SEED_DENSE_UNITS = 256
 COMPACT_LAYERS = ((32, 2), (64, 2), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1))
 # Batch normalization's moving-statistics momentum: 0.9 lets them settle within a short run.
 BN_MOMENTUM = 0.9
+# The distribution head's outputs beside age_output, and its whole years 0..MAX_AGE.
+AGE_LOW = 'age_low'
+AGE_HIGH = 'age_high'
+AGE_DISTRIBUTION = 'age_distribution'
+AGES = labels_lib.MAX_AGE + 1
+# The interval's percentiles: an 80% interval.
+LOW_QUANTILE, HIGH_QUANTILE = 0.1, 0.9
 
 
 class WeightsUnavailable(contract.ArgumentError):
@@ -59,16 +78,86 @@ def dtype_policy(mixed_precision: bool):
     keras.config.set_dtype_policy(previous)
 
 
-def _heads(features, dense_units: int, dropout: float, mean_age: float, age_std: float) -> dict:
+def expected_age(probabilities):
+  """The expectation, in years, of distributions over the whole years 0..AGES-1: [..., AGES]
+  -> [..., 1]."""
+  probabilities = keras.ops.convert_to_tensor(probabilities, 'float32')
+  years = keras.ops.arange(probabilities.shape[-1], dtype='float32')
+  return keras.ops.sum(probabilities * years, axis=-1, keepdims=True)
+
+
+def age_quantile(probabilities, quantile: float):
+  """The `quantile` of distributions over whole years [..., AGES] -> [..., 1], in years.
+
+  Year k's mass is spread evenly over [k - 0.5, k + 0.5] (so a distribution
+  all on one year has its 10th percentile at k - 0.4), and the result is
+  clipped to [0, AGES - 1].
+  """
+  probabilities = keras.ops.convert_to_tensor(probabilities, 'float32')
+  after = keras.ops.cumsum(probabilities, axis=-1)  # The mass up to each year's upper edge.
+  # The year whose bin holds the quantile: how many upper edges lie below it.
+  year = keras.ops.sum(keras.ops.cast(after < quantile, 'int32'), axis=-1, keepdims=True)
+  year = keras.ops.minimum(year, probabilities.shape[-1] - 1)
+  mass = keras.ops.take_along_axis(probabilities, year, axis=-1)
+  before = keras.ops.take_along_axis(after, year, axis=-1) - mass
+  inside = (quantile - before) / keras.ops.maximum(mass, 1e-12)
+  value = keras.ops.cast(year, 'float32') - 0.5 + keras.ops.clip(inside, 0.0, 1.0)
+  return keras.ops.clip(value, 0.0, float(probabilities.shape[-1] - 1))
+
+
+@keras.saving.register_keras_serializable(package='agegender')
+class AgeSummary(keras.layers.Layer):
+  """A distribution over whole years to its expected age (quantile None) or a quantile."""
+
+  def __init__(self, quantile: float | None = None, **kwargs):
+    super().__init__(**kwargs)
+    self.quantile = quantile
+
+  def call(self, probabilities):
+    if self.quantile is None:
+      return expected_age(probabilities)
+    return age_quantile(probabilities, self.quantile)
+
+  def compute_output_shape(self, input_shape):
+    return (*input_shape[:-1], 1)
+
+  def get_config(self):
+    return {**super().get_config(), 'quantile': self.quantile}
+
+
+def prior_logits(mean_age: float, age_std: float) -> np.ndarray:
+  """The distribution head's starting logits: a Gaussian of the training split's ages."""
+  years = np.arange(AGES, dtype=np.float64)
+  return (-np.square(years - mean_age) / (2 * max(age_std, 1.0) ** 2)).astype(np.float32)
+
+
+def _heads(features, dense_units: int, dropout: float, mean_age: float, age_std: float,
+           age_head: str) -> dict:
   x = keras.layers.Dense(dense_units, activation='relu', kernel_initializer='he_uniform',
                          name='dense')(features)
   x = keras.layers.Dropout(dropout, name='dropout')(x)
   # float32 heads: the sigmoid and the age scale (0..120) stay exact under mixed precision.
   gender = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name=contract.GENDER_OUTPUT)(x)
+  if age_head == 'distribution':
+    logits = keras.layers.Dense(AGES, dtype='float32', kernel_initializer='zeros',
+                                name='age_logits')(x)
+    distribution = keras.layers.Softmax(dtype='float32', name=AGE_DISTRIBUTION)(logits)
+    return {contract.GENDER_OUTPUT: gender,
+            contract.AGE_OUTPUT: AgeSummary(dtype='float32', name=contract.AGE_OUTPUT)(distribution),
+            AGE_LOW: AgeSummary(LOW_QUANTILE, dtype='float32', name=AGE_LOW)(distribution),
+            AGE_HIGH: AgeSummary(HIGH_QUANTILE, dtype='float32', name=AGE_HIGH)(distribution),
+            AGE_DISTRIBUTION: distribution}
   age_units = keras.layers.Dense(1, dtype='float32', name='age_units')(x)
   age = keras.layers.Rescaling(age_std, offset=mean_age, dtype='float32',
                                name=contract.AGE_OUTPUT)(age_units)
   return {contract.GENDER_OUTPUT: gender, contract.AGE_OUTPUT: age}
+
+
+def age_interval(outputs) -> tuple:
+  """(low, high) of a model's outputs: the distribution head's percentiles, or the age twice
+  (a regression head, or a model saved before intervals, has none)."""
+  age = outputs[contract.AGE_OUTPUT]
+  return outputs.get(AGE_LOW, age), outputs.get(AGE_HIGH, age)
 
 
 def _conv_net(pixels, filters, batch_norm: bool):
@@ -102,11 +191,17 @@ def _compact_net(pixels):
   return keras.layers.GlobalAveragePooling2D(name='pool')(x)
 
 
+def load_application(name: str, **kwargs) -> keras.Model:
+  """A keras.applications backbone by its configuration name; the one place weights download
+  (tests replace it to stand for a machine without network)."""
+  return getattr(keras.applications, config_lib.BACKBONES[name])(**kwargs)
+
+
 def _backbone(name: str, pixels, weights: str):
-  application = getattr(keras.applications, config_lib.BACKBONES[name])
   try:
-    base = application(include_top=False, weights=None if weights == 'none' else weights,
-                       input_shape=tuple(pixels.shape[1:]), pooling='avg')
+    base = load_application(name, include_top=False,
+                            weights=None if weights == 'none' else weights,
+                            input_shape=tuple(pixels.shape[1:]), pooling='avg')
   except Exception as e:  # pylint: disable=broad-except
     # keras.applications raises a bare Exception when the download fails.
     if weights == 'none':
@@ -130,8 +225,9 @@ def build_model(model: config_lib.ModelConfig, image_size: int, *, mean_age: flo
                 age_std: float = 1.0) -> keras.Model:
   """An uncompiled dual-output model of `model`'s architecture for image_size pixels.
 
-  mean_age, age_std: the training split's (from its manifest); the age head
-  predicts in those units and returns years.
+  mean_age, age_std: the training split's (from its manifest); the regression
+  head predicts in those units and returns years, the distribution head starts
+  at a Gaussian of them.
   """
   name = model.model
   with dtype_policy(model.mixed_precision):
@@ -144,5 +240,9 @@ def build_model(model: config_lib.ModelConfig, image_size: int, *, mean_age: flo
       filters = model.filters or DEFAULT_FILTERS.get(name, SEED_FILTERS)
       features = _conv_net(pixels, filters, model.batch_norm)
     dense_units = model.dense_units or DEFAULT_DENSE_UNITS.get(name, SEED_DENSE_UNITS)
-    outputs = _heads(features, dense_units, model.dropout, mean_age, age_std)
-    return keras.Model(pixels, outputs, name=name)
+    outputs = _heads(features, dense_units, model.dropout, mean_age, age_std, model.age_head)
+    built = keras.Model(pixels, outputs, name=name)
+  if model.age_head == 'distribution':
+    # Zero weights and these biases: every face starts at the training split's ages.
+    built.get_layer('age_logits').bias.assign(prior_logits(mean_age, age_std))
+  return built

@@ -17,6 +17,7 @@ import math
 import os
 
 from absl import logging
+from matplotlib import figure as figure_lib
 import tensorflow as tf
 
 from agegender import contract
@@ -128,25 +129,13 @@ def history_csv(rows: list[dict[str, float]]) -> str:
   return out.getvalue()
 
 
-def read_history(path: str) -> list[dict[str, float]]:
-  """history.csv's rows as numbers, in epoch order."""
-  if not os.path.exists(path):
-    return []
-  with open(path, newline='') as f:
-    rows = [{key: float(value) for key, value in row.items() if value not in ('', None)}
-            for row in csv.DictReader(f)]
-  return sorted(rows, key=lambda row: row['epoch'])
-
-
 def plot_learning_curves(rows: list[dict[str, float]], path: str) -> str:
   """Loss, gender accuracy and age MAE per epoch, train against validation, as a PNG."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   panels = (('loss', 'loss'), ('gender_output_accuracy', 'gender accuracy'),
             ('age_output_mae', 'age MAE (years)'))
   epochs = [int(row['epoch']) + 1 for row in rows]
-  figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
+  figure = figure_lib.Figure(figsize=(4 * len(panels), 3.5))  # No pyplot: no global state.
+  axes = figure.subplots(1, len(panels))
   for axis, (key, title) in zip(axes, panels, strict=True):
     for prefix, label in (('', 'train'), ('val_', 'validation')):
       axis.plot(epochs, [row.get(prefix + key, math.nan) for row in rows], marker='o',
@@ -155,5 +144,4 @@ def plot_learning_curves(rows: list[dict[str, float]], path: str) -> str:
     axis.legend()
   figure.tight_layout()
   figure.savefig(path, dpi=100)
-  plt.close(figure)
   return path

@@ -7,6 +7,20 @@ mixed precision by the optimizer. The same loop runs on one device,
 MirroredStrategy and MultiWorkerMirroredStrategy (where Keras 3's `fit`
 fails). Every metric counts examples, so the logged loss is the weighted sum
 of the head losses on any strategy, a short last batch included.
+
+An example without a gender (labels.UNKNOWN_GENDER, -1) trains the age head
+only: its gender loss is 0 and the gender metrics skip it. The sum is still
+divided by the global batch, so a batch's gender term is (its examples with
+a gender / its examples) times their mean gender loss, on any number of
+replicas; the logged gender loss and accuracy are over the examples with a
+gender, and the logged loss is the mean over all examples of each one's
+weighted sum.
+
+The age loss: for the regression head, --age_loss of the error in
+--age_unit units; for the distribution head, the KL divergence of its
+distribution from a Gaussian of --age_sigma years around the true age (over
+whole years, renormalized), plus the absolute error of its expected age in
+--age_unit units (DLDL-v2's label distribution and expectation losses).
 """
 
 from __future__ import annotations
@@ -18,13 +32,18 @@ from typing import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from agegender.training import config as config_lib
 from agegender import contract
 from agegender.data import preprocess
+from agegender.records import labels as labels_lib
+from agegender.training import config as config_lib
+from agegender.training import model as model_lib
 
 G, A = contract.GENDER_OUTPUT, contract.AGE_OUTPUT
 # The quantity that picks the best model, reduces the learning rate and stops early.
 MONITOR = 'val_age_output_mae'
+# The distribution head's interval metrics: coverage of the true age, and width in years.
+COVERAGE = f'{A}_coverage'
+WIDTH = f'{A}_width'
 
 
 @dataclasses.dataclass
@@ -40,12 +59,18 @@ class Task:
   seed: int = 0  # Of the augmentation.
 
 
-def make_metrics() -> dict[str, keras.metrics.Metric]:
-  return {'loss': keras.metrics.Mean(name='loss'),
-          f'{G}_loss': keras.metrics.Mean(name=f'{G}_loss'),
-          f'{A}_loss': keras.metrics.Mean(name=f'{A}_loss'),
-          f'{G}_accuracy': keras.metrics.BinaryAccuracy(name=f'{G}_accuracy'),
-          f'{A}_mae': keras.metrics.MeanAbsoluteError(name=f'{A}_mae')}
+def make_metrics(interval: bool = False) -> dict[str, keras.metrics.Metric]:
+  """The logged metrics; with `interval` (the distribution head) also the share of true ages
+  inside [age_low, age_high] (coverage) and its mean width in years."""
+  metrics = {'loss': keras.metrics.Mean(name='loss'),
+             f'{G}_loss': keras.metrics.Mean(name=f'{G}_loss'),
+             f'{A}_loss': keras.metrics.Mean(name=f'{A}_loss'),
+             f'{G}_accuracy': keras.metrics.BinaryAccuracy(name=f'{G}_accuracy'),
+             f'{A}_mae': keras.metrics.MeanAbsoluteError(name=f'{A}_mae')}
+  if interval:
+    metrics[COVERAGE] = keras.metrics.Mean(name=COVERAGE)
+    metrics[WIDTH] = keras.metrics.Mean(name=WIDTH)
+  return metrics
 
 
 def learning_rate(optim: config_lib.OptimConfig, total_steps: int):
@@ -77,22 +102,53 @@ def _age_loss(error: tf.Tensor, kind: str) -> tf.Tensor:
   return tf.where(absolute <= 1.0, 0.5 * tf.square(error), absolute - 0.5)
 
 
+def gender_known(targets) -> tf.Tensor:
+  """1.0 for each example with a gender, 0.0 for UNKNOWN_GENDER: [B] float32."""
+  return tf.cast(tf.reshape(targets[G], [-1]) != labels_lib.UNKNOWN_GENDER, tf.float32)
+
+
+def log_gaussian_labels(age: tf.Tensor, sigma: float) -> tf.Tensor:
+  """Ages [B, 1] in years -> the log of [B, AGES]: a Gaussian of `sigma` years around each,
+  over the whole years, renormalized."""
+  years = tf.range(model_lib.AGES, dtype=tf.float32)
+  return tf.nn.log_softmax(-tf.square(years - age) / (2.0 * sigma * sigma), axis=-1)
+
+
+def distribution_loss(probabilities: tf.Tensor, age: tf.Tensor, sigma: float) -> tf.Tensor:
+  """KL(Gaussian label || predicted distribution) per example: [B, AGES], [B, 1] -> [B]."""
+  log_target = log_gaussian_labels(age, sigma)
+  log_predicted = tf.math.log(tf.maximum(probabilities, 1e-12))
+  return tf.reduce_sum(tf.exp(log_target) * (log_target - log_predicted), axis=-1)
+
+
 def per_example_losses(task: Task, outputs, targets) -> tuple[tf.Tensor, tf.Tensor]:
-  """Each example's gender and age loss, [B] each, float32."""
+  """Each example's gender loss (0 without a gender) and age loss, [B] each, float32."""
   probability = tf.cast(outputs[G], tf.float32)
-  gender = keras.losses.binary_crossentropy(targets[G], probability)
+  # Unknown genders get a valid stand-in target, then a weight of 0.
+  gender = keras.losses.binary_crossentropy(tf.maximum(targets[G], 0.0), probability)
+  gender = gender * gender_known(targets)
   error = (tf.cast(outputs[A], tf.float32) - targets[A]) / task.age_unit
+  if model_lib.AGE_DISTRIBUTION in outputs:
+    kl = distribution_loss(tf.cast(outputs[model_lib.AGE_DISTRIBUTION], tf.float32),
+                           targets[A], task.optim.age_sigma)
+    return gender, kl + tf.reduce_mean(tf.abs(error), axis=-1)
   age = tf.reduce_mean(_age_loss(error, task.optim.age_loss), axis=-1)
   return gender, age
 
 
 def _update_metrics(task: Task, outputs, targets, gender_loss, age_loss, total) -> None:
   metrics = task.metrics
+  known = gender_known(targets)
   metrics['loss'].update_state(total)
-  metrics[f'{G}_loss'].update_state(gender_loss)
+  metrics[f'{G}_loss'].update_state(gender_loss, sample_weight=known)
   metrics[f'{A}_loss'].update_state(age_loss)
-  metrics[f'{G}_accuracy'].update_state(targets[G], outputs[G])
+  metrics[f'{G}_accuracy'].update_state(targets[G], outputs[G], sample_weight=known)
   metrics[f'{A}_mae'].update_state(targets[A], outputs[A])
+  if COVERAGE in metrics:
+    low, high = model_lib.age_interval(outputs)
+    inside = tf.logical_and(low <= targets[A], targets[A] <= high)
+    metrics[COVERAGE].update_state(tf.cast(inside, tf.float32))
+    metrics[WIDTH].update_state(high - low)
 
 
 def _total(task: Task, gender_loss, age_loss):
