@@ -59,6 +59,7 @@ FACELESS_PHOTOS = ('coffee', 'chelsea', 'rocket', 'immunohistochemistry', 'hubbl
                    'retina', 'logo', 'colorwheel', 'coins', 'page', 'text', 'moon', 'brick',
                    'grass', 'gravel', 'clock')
 LARGE_SIDES = (40, 56, 80, 120, 200, 400)
+NOTE = 'UTKFace: non-commercial research use only'
 MAX_SIDES = (640, 960, 1280, 1920, 2560, 4000)
 
 
@@ -67,7 +68,7 @@ def split_of(content: bytes) -> str:
   (copied: that module is moving; the first 8 bytes of sha256, big-endian, against the ranges)."""
   position = int.from_bytes(hashlib.sha256(content).digest()[:8], 'big')
   start, total = 0, 0.0
-  for name, fraction in zip(('train', 'validation', 'test'), (0.8, 0.1, 0.1)):
+  for name, fraction in zip(('train', 'validation', 'test'), (0.8, 0.1, 0.1), strict=True):
     total += fraction
     end = 2**64 if name == 'test' else round(total * 2**64)
     if start <= position < end:
@@ -229,8 +230,7 @@ def place(rng, scene_size, faces_here) -> list[tuple[float, float]] | None:
 
 def as_photo(scene: np.ndarray) -> np.ndarray:
   """Saved as a JPEG and decoded, as a photo reaches the detector."""
-  buffer = io.BytesIO()
-  Image.fromarray(scene).save(buffer, format='JPEG', quality=90)
+  Image.fromarray(scene).save(buffer := io.BytesIO(), format='JPEG', quality=90)
   return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert('RGB'))
 
 
@@ -265,7 +265,7 @@ def scenes(measured: list, figures: dict) -> None:
       scene = background(rng, 640, 480)
       centres = place(rng, (640, 480), [SCENE_FACES[i] for i in group])
     truths = [paste(scene, *measured[picks[i]], *SCENE_FACES[i], centre)
-              for i, centre in zip(group, centres)]
+              for i, centre in zip(group, centres, strict=True)]
     photo = as_photo(scene)
     photos.append((photo, faces.detect(photo, score_threshold=lowest), group, truths))
   milliseconds = (time.time() - started) / len(photos) * 1000
@@ -275,7 +275,8 @@ def scenes(measured: list, figures: dict) -> None:
              for name in (*FACE_PHOTOS, *FACELESS_PHOTOS)}
   rows = figures['scenes'] = {'ms_per_scene': round(milliseconds, 1)}
   for threshold in sorted({*THRESHOLDS, faces.SCORE_THRESHOLD}):
-    keep = lambda found, t=threshold: [face for face in found if face.score >= t]
+    def keep(found, threshold=threshold):
+      return [face for face in found if face.score >= threshold]
     found, false, errors = set(), 0, []
     for photo, detected, group, truths in photos:
       matched, wrong = score(keep(detected), truths)
@@ -313,7 +314,7 @@ def large(measured: list, figures: dict) -> None:
   scene = cv2.resize(small, (4000, 3000), interpolation=cv2.INTER_CUBIC)
   picks = rng.choice(len(measured), len(LARGE_SIDES), replace=False)
   truths = [paste(scene, *measured[p], side, 0, centre)
-            for p, side, centre in zip(picks, LARGE_SIDES, centres)]
+            for p, side, centre in zip(picks, LARGE_SIDES, centres, strict=True)]
   photo, rows = as_photo(scene), figures.setdefault('large', {})
   for max_side in MAX_SIDES:
     started = time.time()
@@ -329,8 +330,7 @@ def main(argv):
   started = time.time()
   figures = {'source': os.path.basename(FLAGS.source), 'every': FLAGS.every,
              'machine': machine.describe_cpu(), 'opencv': cv2.__version__,
-             'score_threshold': faces.SCORE_THRESHOLD,
-             'note': 'UTKFace: non-commercial research use only'}
+             'score_threshold': faces.SCORE_THRESHOLD, 'note': NOTE}
   print(f'{figures["machine"]}, OpenCV {cv2.__version__}, threshold {faces.SCORE_THRESHOLD}')
   measured = calibrate(figures)
   for name, run in (('align', check_alignment), ('scenes', scenes), ('large', large)):
@@ -338,7 +338,7 @@ def main(argv):
       run(measured, figures)
   figures['seconds'] = round(time.time() - started, 1)
   print(f'{figures["seconds"]} s in all on {figures["machine"]}')
-  print('UTKFace: non-commercial research use only')
+  print(NOTE)
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
       json.dump(figures, f, indent=2)

@@ -11,8 +11,8 @@ import pytest
 cv2 = pytest.importorskip('cv2', reason="finding faces needs OpenCV: pip install -e '.[faces]'")
 skimage_data = pytest.importorskip('skimage.data', reason='the astronaut photo is scikit-image\'s')
 
-from agegender import faces  # pylint: disable=g-import-not-at-top,wrong-import-position
-from agegender.faces.detect import MODEL_FILE  # pylint: disable=g-import-not-at-top
+from agegender import faces  # noqa: E402  (after the skips)
+from agegender.faces.detect import MODEL_FILE  # noqa: E402
 
 MODEL_SHA256 = '8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4'
 # The astronaut's eyes (subject's right, then left) in skimage.data.astronaut(), by eye.
@@ -88,6 +88,22 @@ def test_align_puts_the_given_points_on_the_targets():
       near = np.hypot(xs - target[0], ys - target[1]) < 15 * size / faces.CROP_SIZE
       centroid = np.array([xs[near].mean(), ys[near].mean()])
       np.testing.assert_allclose(centroid, target, atol=1.0)
+
+
+def test_align_repeats_the_edge_pixels_past_the_photo():
+  image = np.repeat(np.arange(300, dtype=np.uint8)[None, :, None] % 251, 100, axis=0)
+  image = np.repeat(image, 3, axis=2)
+  shifted = [(faces.EYE_RIGHT[0] + 150, faces.EYE_RIGHT[1]), (faces.EYE_LEFT[0] + 150,
+                                                              faces.EYE_LEFT[1])]
+  aligned = faces.align(image, shifted)  # Crop x maps to photo x + 150: past 299 from x = 150.
+  np.testing.assert_array_equal(aligned[:, 150:], np.broadcast_to(image[0, 299], (200, 50, 3)))
+  inside = np.broadcast_to(image[:1, 150:299], (200, 149, 3))
+  np.testing.assert_array_equal(aligned[:, :149], inside)
+  halves = np.full([2000, 2000, 3], 50, np.uint8)
+  halves[:, 1300:] = 200
+  # Shrunk 7.6 times (blurred first): 50 to crop x 43, 200 on, past the photo from x 136.
+  aligned = faces.align(halves, [(1400.0, 1000.0), (2000.0, 1000.0)])
+  assert np.all(aligned[:, :38] == 50) and np.all(aligned[:, 48:] == 200)
 
 
 def test_similarity_and_crop_corners_agree():

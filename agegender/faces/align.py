@@ -19,16 +19,16 @@ from PIL import Image
 from PIL import ImageDraw
 
 # Names, not the module: the package's `detect` is the function, which hides the module.
-from agegender.faces.detect import _cv2  # pylint: disable=g-importing-member
-from agegender.faces.detect import check_pixels  # pylint: disable=g-importing-member
-from agegender.faces.detect import detect  # pylint: disable=g-importing-member
-from agegender.faces.detect import Face  # pylint: disable=g-importing-member
-from agegender.faces.detect import landmarks_of  # pylint: disable=g-importing-member
 from agegender.faces.detect import MAX_SIDE  # pylint: disable=g-importing-member
 from agegender.faces.detect import MIN_FACE  # pylint: disable=g-importing-member
 from agegender.faces.detect import SCORE_THRESHOLD  # pylint: disable=g-importing-member
-from agegender.faces.detect import subject  # pylint: disable=g-importing-member
 from agegender.faces.detect import TURNS  # pylint: disable=g-importing-member
+from agegender.faces.detect import Face  # pylint: disable=g-importing-member
+from agegender.faces.detect import _cv2  # pylint: disable=g-importing-member
+from agegender.faces.detect import check_pixels  # pylint: disable=g-importing-member
+from agegender.faces.detect import detect  # pylint: disable=g-importing-member
+from agegender.faces.detect import landmarks_of  # pylint: disable=g-importing-member
+from agegender.faces.detect import subject  # pylint: disable=g-importing-member
 
 CROP_SIZE = 200
 # Median eye centres (x, y) YuNet finds in UTKFace's 200x200 crops, the subject's right eye on the
@@ -69,22 +69,37 @@ def align(pixels, face_or_landmarks, size: int = CROP_SIZE) -> np.ndarray:
 
 def _warp(pixels: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
   cv2 = _cv2()
+  shrink = 1 / np.hypot(matrix[0, 0], matrix[1, 0])
+  corners = _corners(matrix, size)
+  reach = int(np.ceil(1.5 * shrink)) + 2  # The blur's reach below: 3 sigma.
+  limit = np.array([pixels.shape[1], pixels.shape[0]])
+  low = np.clip(np.floor(corners.min(axis=0)).astype(int) - reach, 0, limit)
+  high = np.clip(np.ceil(corners.max(axis=0)).astype(int) + reach, 0, limit)
+  if np.all(high > low):  # Only the part of the photo the crop samples: big photos stay cheap.
+    pixels = pixels[low[1]:high[1], low[0]:high[0]]
+    matrix = np.hstack([matrix[:, :2], matrix[:, 2:] + matrix[:, :2] @ low[:, None]])
   source = np.ascontiguousarray(pixels)
   # Shrinking a lot with bilinear sampling alone aliases; blur first to about the crop's scale.
-  shrink = 1 / np.hypot(matrix[0, 0], matrix[1, 0])
   if shrink > 2:
     source = cv2.GaussianBlur(source, (0, 0), sigmaX=0.5 * shrink)
   return cv2.warpAffine(source, matrix, (size, size), flags=cv2.INTER_LINEAR,
                         borderMode=cv2.BORDER_REPLICATE)
 
 
+def _corners(matrix: np.ndarray, size: int) -> np.ndarray:
+  """The size x size crop's corners, in the pixels `matrix` maps from, float [4, 2]."""
+  back = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))
+  corners = np.array([[0, 0, 1], [size, 0, 1], [size, size, 1], [0, size, 1]], np.float64)
+  return corners @ back[:2].T
+
+
 def refine(pixels, face: Face, rounds: int = REFINE_ROUNDS) -> Face:
   """The face with its landmarks re-detected as the calibration measured EYE_RIGHT and EYE_LEFT:
   on its aligned 200x200 crop in a margin of half that, upright and at UTKFace's scale.
 
-  YuNet's eyes on faces turned or small in the photo are rougher; in the calibration
-  benchmark's scenes two rounds halve their error. Where the crop shows no face near the
-  expected eyes, the face comes back as it was.
+  YuNet's eyes on faces turned or small in the photo are rougher; on the calibration
+  benchmark's scenes two rounds cut their error from 0.12-0.14 of the eye distance to
+  0.04-0.07. Where the crop shows no face near the expected eyes, the face comes back as it was.
   """
   pixels = check_pixels(pixels)
   margin = CROP_SIZE // 2
@@ -106,9 +121,7 @@ def refine(pixels, face: Face, rounds: int = REFINE_ROUNDS) -> Face:
 def crop_corners(face_or_landmarks, size: int = CROP_SIZE) -> np.ndarray:
   """The aligned crop's corners in photo pixels, float [4, 2]: top left, top right, bottom
   right, bottom left of the crop (a rotated square in the photo)."""
-  matrix = np.vstack([similarity(face_or_landmarks, size), [0, 0, 1]])
-  corners = np.array([[0, 0, 1], [size, 0, 1], [size, size, 1], [0, size, 1]], np.float64)
-  return (np.linalg.inv(matrix) @ corners.T).T[:, :2]
+  return _corners(similarity(face_or_landmarks, size), size)
 
 
 def crop_box(face_or_landmarks, size: int = CROP_SIZE) -> tuple[float, float, float, float]:
