@@ -1,5 +1,6 @@
-"""Faces in whole photos: the detector on a real photo (scikit-image's astronaut), the UTKFace
-framing, padding at the edges, and predict --find_faces / --annotate / a missing OpenCV."""
+"""Faces in whole photos through predict: the detector on a real photo (scikit-image's
+astronaut), predict --find_faces / --annotate / a missing OpenCV. (The detector and the
+alignment themselves: tests/test_face_align.py.)"""
 
 import json
 import os
@@ -51,58 +52,21 @@ def _command(*args, prelude=''):
 
 
 def test_the_astronaut_photo_yields_one_face_around_her_eyes_and_mouth():
-  boxes = faces.detect(skimage.data.astronaut())
-  assert len(boxes) == 1
-  box = boxes[0]
+  found = faces.detect(skimage.data.astronaut())
+  assert len(found) == 1
+  left, top, width, height = found[0].box
   for x, y in ASTRONAUT_FACE_POINTS:
-    assert box.left < x < box.left + box.width and box.top < y < box.top + box.height
+    assert left < x < left + width and top < y < top + height
   # A face, not the whole head and shoulders.
-  assert 40 <= box.width <= 160
+  assert 40 <= width <= 160
+  (right_eye_x, right_eye_y), (left_eye_x, left_eye_y) = found[0].landmarks[:2]
+  assert abs(right_eye_x - 203) < 10 and abs(left_eye_x - 248) < 10
+  assert abs(right_eye_y - 101) < 10 and abs(left_eye_y - 102) < 10
 
 
-def test_a_photo_without_a_face_yields_no_box(photos):
-  pixels = np.asarray(Image.open(photos / 'no_face.jpg').convert('RGB'))
-  assert faces.detect(pixels) == []
-  assert faces.face_crops(pixels) == []
-
-
-def test_the_crop_widens_and_shifts_the_box_by_the_calibration():
-  box = faces.Box(100, 100, 50, 50)
-  assert faces.utkface_crop(box, (640, 480), scale=2.0, shift_x=0.1, shift_y=-0.2) == (
-      faces.Box(80, 65, 100, 100))
-  crop = faces.utkface_crop(faces.Box(200, 100, 100, 100), (640, 480))
-  assert crop.width == crop.height == round(100 * faces.CROP_SCALE)
-  # The centre moves by the calibrated shift, in box sides.
-  assert crop.left + crop.width / 2 == pytest.approx(250 + 100 * faces.CROP_SHIFT_X, abs=1)
-  assert crop.top + crop.height / 2 == pytest.approx(150 + 100 * faces.CROP_SHIFT_Y, abs=1)
-
-
-def test_the_calibration_frames_a_face_as_utkface_does():
-  # UTKFace's crops hold the chin: their centre lies below the detector's box centre.
-  assert 0.8 <= faces.CROP_SCALE <= 1.4
-  assert abs(faces.CROP_SHIFT_X) < 0.03
-  assert 0.0 < faces.CROP_SHIFT_Y < 0.2
-
-
-def test_a_crop_past_the_edge_repeats_the_edge_pixels():
-  pixels = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)  # Red: (row * 5 + column) * 3.
-  crop = faces.crop_pixels(pixels, faces.Box(-2, 2, 4, 4))  # Two columns left, two rows below.
-  assert crop.shape == (4, 4, 3)
-  np.testing.assert_array_equal(crop[..., 0], [[30, 30, 30, 33],
-                                               [45, 45, 45, 48],
-                                               [45, 45, 45, 48],
-                                               [45, 45, 45, 48]])
-
-
-def test_bad_input_is_a_value_error():
-  with pytest.raises(ValueError, match='uint8 RGB'):
-    faces.detect(np.zeros((10, 10), np.uint8))
-  with pytest.raises(ValueError, match='min_neighbors and min_face must be positive'):
-    faces.detect(np.zeros((10, 10, 3), np.uint8), min_neighbors=0)
-  with pytest.raises(ValueError, match='positive size'):
-    faces.utkface_crop(faces.Box(0, 0, 0, 10), (100, 100))
-  with pytest.raises(ValueError, match='empty'):
-    faces.crop_pixels(np.zeros((0, 5, 3), np.uint8), faces.Box(0, 0, 2, 2))
+def test_a_photo_without_a_face_yields_no_face(photos):
+  scene = np.asarray(Image.open(photos / 'no_face.jpg'))
+  assert not faces.detect(scene)
 
 
 def test_predict_faces_gives_one_prediction_per_face_with_its_boxes(model_dir):
@@ -111,8 +75,16 @@ def test_predict_faces_gives_one_prediction_per_face_with_its_boxes(model_dir):
   assert len(results) == 1
   result = results[0]
   assert result['file'] == 'astronaut.png' and result['gender'] in ('male', 'female')
-  box, crop = faces.Box(*result['box']), faces.Box(*result['crop'])
-  assert crop == faces.utkface_crop(box, (512, 512))
+  found = faces.face_crops(skimage.data.astronaut())
+  assert len(found) == 1
+  face, _ = found[0]
+  assert result['box'] == pytest.approx(face.box, abs=0.1)
+  assert result['crop'] == pytest.approx(faces.crop_box(face), abs=0.1)
+  # The aligned crop holds the whole face: every landmark well inside it.
+  crop_left, crop_top, crop_width, crop_height = result['crop']
+  for x, y in result['landmarks']:
+    assert crop_left + crop_width / 5 < x < crop_left + crop_width * 4 / 5
+    assert crop_top + crop_height / 5 < y < crop_top + crop_height * 4 / 5
 
 
 def test_find_faces_prints_a_line_per_face_and_annotates_the_photo(model_dir, photos, tmp_path):
@@ -129,7 +101,7 @@ def test_find_faces_prints_a_line_per_face_and_annotates_the_photo(model_dir, ph
   drawn = Image.open(annotated / 'astronaut.png')
   assert drawn.size == (512, 512)
   # The box is drawn: the pixels on its left edge changed to the box colour.
-  left, top, _, height = face['box']
+  left, top, _, height = (round(value) for value in face['box'])
   assert tuple(np.asarray(drawn)[top + height // 2, left]) == (0, 255, 0)
 
 
