@@ -42,3 +42,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 if sys.argv and (sys.argv[0] == '-m' or
                  os.path.basename(sys.argv[0]).startswith(('agegender-', 'agegender.'))):
   _import_tensorflow_quietly()
+
+
+def __getattr__(name: str):
+  """`agegender.Predictor`, the Python API, loaded on first use (it imports TensorFlow)."""
+  if name == 'Predictor':
+    from agegender.serving.predictor import Predictor  # pylint: disable=g-import-not-at-top  # `import agegender` stays light.
+    return Predictor
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -3,8 +3,11 @@
   python -m agegender.make_records                       # Kaggle's UTKFace
   python -m agegender.make_records --source=UTKFace.tar.gz --image_size=128
   python -m agegender.make_records --source=synthetic --synthetic_count=3000
-  python -m agegender.make_records --runner=beam --source=gs://bucket/faces \
-      --records_dir=gs://bucket/records \
+  python -m agegender.make_records --source=photos/ --labels=labels.csv --find_faces
+  python -m agegender.make_records --source=faces.zip \\
+      --name_pattern='(?P<age>\\d+)_(?P<gender>[mf])_.*\\.jpg'
+  python -m agegender.make_records --runner=beam --source=gs://bucket/faces \\
+      --records_dir=gs://bucket/records \\
       --beam_pipeline_options="--runner=DataflowRunner --project=P --region=R"
 
 Writes <records_dir>/utkface/<version>/ (shards, tfds metadata, manifest.json)

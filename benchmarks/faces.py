@@ -1,25 +1,29 @@
-"""Finding and recropping faces in photos, measured on UTKFace test crops pasted into scenes.
+"""Faces from anywhere: UTKFace test crops pasted into scenes, degraded, found, aligned, predicted.
 
-  python benchmarks/faces.py --records_dir=/work/records_utk --model_dir=RUN [--json out.json]
+  python benchmarks/faces.py --records_dir=/work/records_utk --model_dir=RUN[,RUN...]
+      [--faces=1000] [--json=out.json]
 
-Takes --faces crops of the records' test split (their source JPEG bytes and
-labels, as make_records stored them; the split follows from each image's
-content hash, so neither the model nor the calibration saw them) and pastes
-them, 1 to 3 a scene at random places and sides (--min_side..--max_side), into
-generated 640x480 scenes (blurred noise, gradients, stripes, checks), saved as
-JPEG and decoded as predict decodes a photo; seeded, so every run makes the
-same scenes. Then agegender.faces finds and recrops the faces.
+Takes --faces crops of the records' test split (their source JPEG bytes and labels, as
+make_records stored them; the split follows from each image's content hash, so neither training
+nor the eye calibration saw them) and pastes them 1 to 3 a scene into generated 640x480 scenes
+(blurred noise, gradients, stripes, checks) at random sides (--min_side..--max_side) and turns
+(up to --max_rotation degrees either way). Each face is first degraded as photos from elsewhere
+are, one condition a face (CONDITIONS: its share): colour (as it is), grey, faded (low
+saturation and contrast, lifted blacks, a warm cast), blurred (a Gaussian of 1.2-2.5% of the
+side) or jpeg (re-encoded at quality 5-15). The scene is saved as a JPEG (quality 90) and
+decoded, as a photo reaches predict; everything is seeded. agegender.faces.face_crops then
+finds, refines and aligns every face, as predict does.
 
-A pasted face is found when the crop that faces.utkface_crop makes of a
-detection overlaps the pasted square with IoU >= 0.5 (the best such
-detection); other detections are false. On the found faces the model's
-predictions on the recrops are compared with its predictions on the original
-crops (decoded as the pipeline does): age MAE against the true ages for both,
-the mean absolute difference of the two predictions, and how often the
-gender agrees. Rows: the calibrated crop, and for comparison the detector's
-box taken as the crop (no calibration). Targets: >= 95% found; recropped age
-MAE within 1 year of the original crops'. UTKFace is for non-commercial
-research only.
+A pasted face is found when the aligned crop of a detection (its corners, faces.crop_corners)
+overlaps the pasted square with IoU >= 0.5 (the best such detection); other detections are
+false faces. The scenes and detections are made once; each --model_dir's model then predicts
+(model.predict_on_batch on uint8 [B, S, S, 3], resized by preprocess.resize_pixels as
+training's images) on (a) the original crops as the pipeline decodes them, (b) the degraded
+crops, unpasted (the condition alone), (c) the aligned recrops of the found faces (the
+condition, the reframing and the detector together); age MAE and gender accuracy, over the
+found faces, overall, per condition and for children (< 13) and the rest. Targets of the
+issue: >= 98% found, <= 0.19 false faces a scene, recrop age MAE within 0.5 years of the
+original crops'. UTKFace: non-commercial research use only.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import sys
 import time
 
+import cv2
 import numpy as np
 import tensorflow as tf
 from absl import app
@@ -40,47 +45,52 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from agegender import contract  # pylint: disable=wrong-import-position
-from agegender.serving import export  # pylint: disable=wrong-import-position
 from agegender import faces  # pylint: disable=wrong-import-position
 from agegender.data import preprocess  # pylint: disable=wrong-import-position
+from agegender.serving import export  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string('records_dir', 'records', 'Records written by agegender.make_records from '
                     'UTKFace, with source JPEG bytes.')
-flags.DEFINE_string('model_dir', None, 'The run whose model.keras predicts.', required=True)
+flags.DEFINE_list('model_dir', None, 'The runs whose model.keras predict (one or several; the '
+                  'scenes and detections are shared).', required=True)
 flags.DEFINE_integer('faces', 1000, 'Test-split crops to paste.')
-flags.DEFINE_integer('min_side', 80, 'Smallest side of a pasted crop, in scene pixels.')
+flags.DEFINE_integer('min_side', 60, 'Smallest side of a pasted crop, in scene pixels.')
 flags.DEFINE_integer('max_side', 320, 'Largest side of a pasted crop.')
-flags.DEFINE_integer('seed', 0, 'Seed of the scenes and placements.')
-flags.DEFINE_integer('min_neighbors', faces.MIN_NEIGHBORS, 'The detector\'s overlapping hits '
-                     'to keep a box (agegender.faces.detect).')
+flags.DEFINE_float('max_rotation', 20.0, 'Pasted crops turn up to this many degrees either way.')
+flags.DEFINE_integer('seed', 0, 'Seed of the scenes, placements and conditions.')
 flags.DEFINE_string('json', None, 'Also write the figures here as JSON.')
 FLAGS = flags.FLAGS
 WIDTH, HEIGHT = 640, 480
 MATCH_IOU = 0.5
+CHILD = 13  # Children: ages below this.
+# Each face's condition and its share of the faces.
+CONDITIONS = {'colour': 0.4, 'grey': 0.15, 'faded': 0.15, 'blurred': 0.15, 'jpeg': 0.15}
 
 
-def test_crops(records_dir: str, count: int):
+def test_crops(records_dir: str, count: int) -> list[tuple[bytes, int, int]]:
   """(encoded JPEG, age, gender) of the first `count` records of the test split."""
   manifest = contract.read_manifest(records_dir)
   spec = contract.feature_spec()
   dataset = tf.data.TFRecordDataset(contract.split_shards(manifest, 'test')).take(count)
+  rows = []
   for serialized in dataset:
     example = tf.io.parse_single_example(serialized, spec)
-    yield (example[contract.IMAGE].numpy(), int(example[contract.AGE]),
-           int(example[contract.GENDER]))
+    rows.append((example[contract.IMAGE].numpy(), int(example[contract.AGE]),
+                 int(example[contract.GENDER])))
+  return rows
 
 
 def background(rng: np.random.Generator) -> np.ndarray:
-  """A 640x480 scene without faces: blurred noise, a gradient, stripes or checks."""
+  """A faceless 640x480 scene: blurred noise, a gradient, stripes or checks."""
   kind = rng.integers(4)
   y, x = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
   colour_a, colour_b = rng.uniform(0, 255, (2, 3))
   if kind == 0:
     small = rng.uniform(0, 255, (HEIGHT // 16, WIDTH // 16, 3)).astype(np.uint8)
-    return np.asarray(Image.fromarray(small).resize((WIDTH, HEIGHT), Image.BICUBIC))
+    return np.array(Image.fromarray(small).resize((WIDTH, HEIGHT), Image.BICUBIC))
   if kind == 1:
     angle = rng.uniform(0, 2 * np.pi)
-    t = (np.cos(angle) * x + np.sin(angle) * y)
+    t = np.cos(angle) * x + np.sin(angle) * y
     t = (t - t.min()) / (t.max() - t.min())
   elif kind == 2:
     period, angle = rng.uniform(8, 60), rng.uniform(0, np.pi)
@@ -93,139 +103,198 @@ def background(rng: np.random.Generator) -> np.ndarray:
   return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def iou(a: faces.Box, b: faces.Box) -> float:
-  width = min(a.left + a.width, b.left + b.width) - max(a.left, b.left)
-  height = min(a.top + a.height, b.top + b.height) - max(a.top, b.top)
-  overlap = max(0, width) * max(0, height)
-  return overlap / (a.width * a.height + b.width * b.height - overlap)
+def degrade(crop: np.ndarray, condition: str, rng: np.random.Generator) -> np.ndarray:
+  """The crop (uint8, at its pasted side) as a photo from elsewhere might show it."""
+  pixels = crop.astype(np.float32)
+  grey = pixels @ np.array([0.299, 0.587, 0.114], np.float32)
+  if condition == 'grey':
+    pixels = np.repeat(grey[..., None], 3, axis=-1)
+  elif condition == 'faded':
+    saturation, contrast, lift = rng.uniform(0.15, 0.4), rng.uniform(0.45, 0.7), rng.uniform(20, 50)
+    pixels = grey[..., None] + saturation * (pixels - grey[..., None])
+    pixels = grey.mean() + contrast * (pixels - grey.mean()) + lift
+    pixels *= np.array([1.0, 0.94, 0.82], np.float32)  # An old print's warm cast.
+  elif condition == 'blurred':
+    sigma = crop.shape[0] * rng.uniform(0.012, 0.025)
+    pixels = cv2.GaussianBlur(pixels, (0, 0), sigmaX=sigma)
+  elif condition == 'jpeg':
+    buffer = io.BytesIO()
+    Image.fromarray(crop).save(buffer, format='JPEG', quality=int(rng.integers(5, 16)))
+    return np.asarray(Image.open(buffer).convert('RGB'))
+  return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
-def place(rng: np.random.Generator, count: int) -> list[faces.Box]:
-  """Up to `count` squares inside the scene that do not overlap."""
+def paste(scene: np.ndarray, crop: np.ndarray, angle: float, centre) -> np.ndarray:
+  """Pastes the square crop turned `angle` degrees about `centre`; returns its corners [4, 2]."""
+  side = crop.shape[0]
+  matrix = cv2.getRotationMatrix2D((side / 2, side / 2), angle, 1.0)
+  matrix[:, 2] += np.array(centre) - side / 2
+  warped = cv2.warpAffine(crop, matrix, (WIDTH, HEIGHT), flags=cv2.INTER_LINEAR)
+  mask = cv2.warpAffine(np.ones((side, side), np.float32), matrix, (WIDTH, HEIGHT),
+                        flags=cv2.INTER_LINEAR)[..., None]
+  scene[:] = (scene * (1 - mask) + warped * mask).round().astype(np.uint8)
+  corners = np.array([[0, 0, 1], [side, 0, 1], [side, side, 1], [0, side, 1]], np.float64)
+  return corners @ matrix.T
+
+
+def place(rng: np.random.Generator, pasted: list[tuple[int, float]]):
+  """Centres where the turned squares do not overlap, or None when they did not fit."""
   placed = []
-  for _ in range(count * 20):
-    if len(placed) == count:
-      break
-    side = int(rng.integers(FLAGS.min_side, FLAGS.max_side + 1))
-    box = faces.Box(int(rng.integers(0, WIDTH - side + 1)), int(rng.integers(0, HEIGHT - side + 1)),
-                    side, side)
-    if all(iou(box, other) == 0 for other in placed):
-      placed.append(box)
-  return placed
-
-
-def scenes(crops, rng: np.random.Generator):
-  """(decoded scene pixels, [(pasted square, crop index)]) until the crops run out."""
-  crops = list(crops)
-  index = 0
-  while index < len(crops):
-    scene = Image.fromarray(background(rng))
-    pasted = []
-    for square in place(rng, int(rng.integers(1, 4))):
-      if index == len(crops):
+  for side, angle in pasted:
+    reach = side * (abs(np.cos(np.radians(angle))) + abs(np.sin(np.radians(angle)))) / 2 + 2
+    if 2 * reach > min(WIDTH, HEIGHT):
+      return None
+    for _ in range(100):
+      centre = rng.uniform(reach, WIDTH - reach), rng.uniform(reach, HEIGHT - reach)
+      if all(max(abs(centre[0] - x), abs(centre[1] - y)) > reach + r for x, y, r in placed):
+        placed.append((*centre, reach))
         break
-      face = Image.open(io.BytesIO(crops[index])).convert('RGB')
-      scene.paste(face.resize((square.width, square.height), Image.BILINEAR),
-                  (square.left, square.top))
-      pasted.append((square, index))
+    else:
+      return None
+  return [(x, y) for x, y, _ in placed]
+
+
+def polygon_iou(a: np.ndarray, b: np.ndarray) -> float:
+  a, b = a.astype(np.float32), b.astype(np.float32)
+  overlap, _ = cv2.intersectConvexConvex(a, b)
+  return float(overlap / (cv2.contourArea(a) + cv2.contourArea(b) - overlap))
+
+
+def decode(jpeg: bytes) -> np.ndarray:
+  return np.asarray(Image.open(io.BytesIO(jpeg)).convert('RGB'))
+
+
+def make_scenes(records, rng: np.random.Generator) -> dict:
+  """Pastes every crop into scenes, finds the faces; what the models are then measured on."""
+  conditions = list(CONDITIONS)
+  chosen = rng.choice(len(conditions), len(records), p=list(CONDITIONS.values()))
+  degraded, recrops, ious = [None] * len(records), {}, {}
+  index = scenes = false = 0
+  sides = np.zeros(len(records), int)
+  while index < len(records):
+    count = min(int(rng.integers(1, 4)), len(records) - index)
+    shapes = [(int(rng.integers(FLAGS.min_side, FLAGS.max_side + 1)),
+               float(rng.uniform(-FLAGS.max_rotation, FLAGS.max_rotation))) for _ in range(count)]
+    centres = place(rng, shapes)
+    if centres is None:
+      continue
+    scene, truths = background(rng), []
+    for (side, angle), centre in zip(shapes, centres):
+      crop = decode(records[index][0])
+      crop = cv2.resize(crop, (side, side),
+                        interpolation=cv2.INTER_AREA if side < crop.shape[0] else cv2.INTER_LINEAR)
+      degraded[index] = degrade(crop, conditions[chosen[index]], rng)
+      truths.append((index, paste(scene, degraded[index], angle, centre)))
+      sides[index] = side
       index += 1
     buffer = io.BytesIO()
-    scene.save(buffer, format='JPEG', quality=90)
-    # Decoded as predict decodes a photo.
-    yield tf.io.decode_image(buffer.getvalue(), channels=3).numpy(), pasted
+    Image.fromarray(scene).save(buffer, format='JPEG', quality=90)
+    found = faces.face_crops(decode(buffer.getvalue()))
+    corners = [faces.crop_corners(face) for face, _ in found]
+    used = set()
+    for truth, square in truths:
+      best, best_index = max(((polygon_iou(c, square), i) for i, c in enumerate(corners)
+                              if i not in used), default=(0.0, -1))
+      if best >= MATCH_IOU:
+        used.add(best_index)
+        recrops[truth], ious[truth] = found[best_index][1], best
+    scenes, false = scenes + 1, false + len(found) - len(used)
+  return {'conditions': [conditions[c] for c in chosen], 'degraded': degraded,
+          'recrops': recrops, 'ious': ious, 'scenes': scenes, 'false': false, 'sides': sides}
 
 
-def predict(model, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  outputs = model.predict_on_batch(np.stack(images))
-  return (np.reshape(outputs[contract.AGE_OUTPUT], -1),
-          np.reshape(outputs[contract.GENDER_OUTPUT], -1) >= 0.5)
+def predict(model, size: int, images) -> tuple[np.ndarray, np.ndarray]:
+  """(ages, female) the model predicts for uint8 images of any size, 256 a batch."""
+  ages, female = [], []
+  for start in range(0, len(images), 256):
+    batch = np.stack([preprocess.resize_pixels(image, size).numpy()
+                      for image in images[start:start + 256]])
+    outputs = model.predict_on_batch(batch)
+    ages.append(np.reshape(outputs[contract.AGE_OUTPUT], -1))
+    female.append(np.reshape(outputs[contract.GENDER_OUTPUT], -1) >= 0.5)
+  return np.concatenate(ages), np.concatenate(female)
 
 
-def found_by_side(sides: dict[int, int], found: set[int]) -> dict[str, float]:
-  """The share found among the faces pasted at each quarter of the side range."""
-  edges = np.linspace(FLAGS.min_side, FLAGS.max_side + 1, 5).round().astype(int)
-  shares = {}
-  for low, high in zip(edges[:-1], edges[1:], strict=True):
-    pasted = [index for index, side in sides.items() if low <= side < high]
-    shares[f'{low}-{high - 1}'] = sum(index in found for index in pasted) / max(1, len(pasted))
-  return shares
+def measure(model_dir: str, records, made: dict) -> dict:
+  """One model's age MAE and gender accuracy on the original, degraded and recropped faces."""
+  model = export.load_keras_model(model_dir)
+  size = export.image_size_of(model)
+  found = np.array(sorted(made['recrops']), int)
+  ages = np.array([age for _, age, _ in records])[found]
+  genders = np.array([gender == 1 for _, _, gender in records])[found]
+  kinds = {'original': [preprocess.preprocess_encoded_image(records[i][0], size).numpy()
+                        for i in found],
+           'degraded': [made['degraded'][i] for i in found],
+           'recrop': [made['recrops'][i] for i in found]}
+  predicted = {kind: predict(model, size, images) for kind, images in kinds.items()}
+  conditions = np.array(made['conditions'])
+  groups = {'all': np.ones(len(records), bool),
+            **{name: conditions == name for name in CONDITIONS},
+            f'age < {CHILD}': np.array([age < CHILD for _, age, _ in records]),
+            f'age >= {CHILD}': np.array([age >= CHILD for _, age, _ in records])}
+  rows = {}
+  for group, members in groups.items():
+    keep = members[found]
+    row = {'pasted': int(members.sum()), 'found': int(keep.sum()),
+           'found_share': float(keep.sum() / max(1, members.sum()))}
+    for kind, (age, female) in predicted.items():
+      row[f'{kind}_age_mae'] = float(np.mean(np.abs(age[keep] - ages[keep])))
+      row[f'{kind}_gender_accuracy'] = float(np.mean(female[keep] == genders[keep]))
+    rows[group] = row
+  return {'model': os.path.abspath(export.keras_model_path(model_dir)), 'image_size': size,
+          'rows': rows}
+
+
+def print_table(result: dict) -> None:
+  print(f'\nmodel {result["model"]} ({result["image_size"]}x{result["image_size"]})')
+  print(f'{"faces":12}{"pasted":>7}{"found":>8}'
+        f'{"age MAE: orig":>15}{"degraded":>9}{"recrop":>8}{"gender: orig":>14}{"degraded":>9}'
+        f'{"recrop":>8}')
+  for group, row in result['rows'].items():
+    print(f'{group:12}{row["pasted"]:7d}{100 * row["found_share"]:7.1f}%'
+          f'{row["original_age_mae"]:15.2f}{row["degraded_age_mae"]:9.2f}'
+          f'{row["recrop_age_mae"]:8.2f}{row["original_gender_accuracy"]:14.3f}'
+          f'{row["degraded_gender_accuracy"]:9.3f}{row["recrop_gender_accuracy"]:8.3f}')
 
 
 def main(argv):
   del argv
   started = time.time()
-  model = export.load_keras_model(FLAGS.model_dir)
-  size = export.image_size_of(model)
-  records = list(test_crops(FLAGS.records_dir, FLAGS.faces))
-  rng = np.random.default_rng(FLAGS.seed)
-  variants = {'calibrated': {}, 'box as crop': {'scale': 1.0, 'shift_x': 0.0, 'shift_y': 0.0}}
-  found = {name: [] for name in variants}  # (crop index, recrop pixels at the model's size)
-  false_detections = {name: 0 for name in variants}
-  matched_iou = {name: [] for name in variants}
-  sides = {}  # Pasted side of each crop index.
-  scene_count = 0
-  for pixels, pasted in scenes((jpeg for jpeg, _, _ in records), rng):
-    scene_count += 1
-    boxes = faces.detect(pixels, min_neighbors=FLAGS.min_neighbors)
-    for name, calibration in variants.items():
-      crops = [faces.utkface_crop(box, (WIDTH, HEIGHT), **calibration) for box in boxes]
-      used = set()
-      for square, index in pasted:
-        sides[index] = square.width
-        overlaps = [(iou(crop, square), i) for i, crop in enumerate(crops) if i not in used]
-        best, best_index = max(overlaps, default=(0.0, -1))
-        if best >= MATCH_IOU:
-          used.add(best_index)
-          matched_iou[name].append(best)
-          recrop = faces.crop_pixels(pixels, crops[best_index])
-          found[name].append((index, preprocess.resize_pixels(recrop, size).numpy()))
-      false_detections[name] += len(crops) - len(used)
-  originals = [preprocess.preprocess_encoded_image(jpeg, size).numpy() for jpeg, _, _ in records]
-  ages = np.array([age for _, age, _ in records])
-  genders = np.array([gender == 1 for _, _, gender in records])
-  rows = {}
-  for name in variants:
-    indices = np.array([index for index, _ in found[name]], dtype=int)
-    original_age, original_gender = predict(model, [originals[i] for i in indices])
-    recrop_age, recrop_gender = predict(model, [image for _, image in found[name]])
-    original_mae = float(np.mean(np.abs(original_age - ages[indices])))
-    recrop_mae = float(np.mean(np.abs(recrop_age - ages[indices])))
-    rows[name] = {
-        'found': len(indices), 'found_share': len(indices) / len(records),
-        'false_detections_per_scene': false_detections[name] / scene_count,
-        'mean_iou': float(np.mean(matched_iou[name])),
-        'original_age_mae': original_mae, 'recrop_age_mae': recrop_mae,
-        'age_mae_difference': recrop_mae - original_mae,
-        'mean_abs_age_difference': float(np.mean(np.abs(recrop_age - original_age))),
-        'gender_agreement': float(np.mean(recrop_gender == original_gender)),
-        'original_gender_accuracy': float(np.mean(original_gender == genders[indices])),
-        'recrop_gender_accuracy': float(np.mean(recrop_gender == genders[indices])),
-        'found_share_by_side': found_by_side(sides, set(indices.tolist())),
-    }
-  figures = {'model': os.path.abspath(export.keras_model_path(FLAGS.model_dir)),
-             'image_size': size, 'faces': len(records), 'scenes': scene_count,
-             'scene_size': [WIDTH, HEIGHT], 'sides': [FLAGS.min_side, FLAGS.max_side],
-             'seed': FLAGS.seed, 'match_iou': MATCH_IOU,
-             'detector': {'scale_factor': faces.SCALE_FACTOR, 'min_neighbors': FLAGS.min_neighbors},
-             'calibration': {'scale': faces.CROP_SCALE, 'shift_x': faces.CROP_SHIFT_X,
-                             'shift_y': faces.CROP_SHIFT_Y},
-             'machine': machine.describe_cpu(), 'seconds': round(time.time() - started, 1),
-             'rows': rows, 'note': 'UTKFace test-split crops: non-commercial research use only'}
-  print(f'{len(records)} UTKFace test-split crops in {scene_count} scenes of {WIDTH}x{HEIGHT} '
-        f'(sides {FLAGS.min_side}-{FLAGS.max_side}, seed {FLAGS.seed}, min_neighbors '
-        f'{FLAGS.min_neighbors}); model {figures["model"]} '
-        f'({size}x{size}); {figures["machine"]}, {figures["seconds"]} s')
-  print(f'{"crop":12}{"found":>8}{"false/scene":>12}{"IoU":>6}{"MAE orig":>9}{"MAE recrop":>11}'
-        f'{"|diff|":>8}{"gender agree":>13}')
-  for name, row in rows.items():
-    print(f'{name:12}{100 * row["found_share"]:7.1f}%{row["false_detections_per_scene"]:12.3f}'
-          f'{row["mean_iou"]:6.2f}{row["original_age_mae"]:9.2f}{row["recrop_age_mae"]:11.2f}'
-          f'{row["mean_abs_age_difference"]:8.2f}{100 * row["gender_agreement"]:12.1f}%')
-  print('found by pasted side: ' + ', '.join(
-      f'{span} px {100 * share:.1f}%'
-      for span, share in rows['calibrated']['found_share_by_side'].items()))
-  print(f'(found: the recrop overlaps the pasted crop with IoU >= {MATCH_IOU}; MAE over the found '
-        'faces; UTKFace: non-commercial research use only)')
+  records = test_crops(FLAGS.records_dir, FLAGS.faces)
+  made = make_scenes(records, np.random.default_rng(FLAGS.seed))
+  detection_seconds = time.time() - started
+  found = len(made['recrops'])
+  edges = np.linspace(FLAGS.min_side, FLAGS.max_side + 1, 5).round().astype(int)
+  by_side = {f'{low}-{high - 1}': float(np.mean([i in made['recrops'] for i in
+                                                 np.flatnonzero((made['sides'] >= low) &
+                                                                (made['sides'] < high))]))
+             for low, high in zip(edges[:-1], edges[1:])}
+  figures = {
+      'faces': len(records), 'scenes': made['scenes'], 'found': found,
+      'found_share': found / len(records), 'false_faces_per_scene': made['false'] / made['scenes'],
+      'mean_iou': float(np.mean(list(made['ious'].values()))), 'found_share_by_side': by_side,
+      'scene_size': [WIDTH, HEIGHT], 'sides': [FLAGS.min_side, FLAGS.max_side],
+      'max_rotation': FLAGS.max_rotation, 'conditions': CONDITIONS, 'seed': FLAGS.seed,
+      'match_iou': MATCH_IOU, 'score_threshold': faces.SCORE_THRESHOLD,
+      'machine': machine.describe_cpu(), 'detection_seconds': round(detection_seconds, 1),
+      'note': 'UTKFace test-split crops: non-commercial research use only'}
+  print(f'{len(records)} UTKFace test-split crops in {made["scenes"]} scenes of {WIDTH}x{HEIGHT}'
+        f' (sides {FLAGS.min_side}-{FLAGS.max_side}, turned up to {FLAGS.max_rotation:g} degrees, '
+        f'seed {FLAGS.seed}; conditions ' + ', '.join(f'{name} {share:.0%}' for name, share in
+                                                       CONDITIONS.items()) + ')')
+  print(f'found {found} ({100 * figures["found_share"]:.1f}%), false faces a scene '
+        f'{figures["false_faces_per_scene"]:.3f}, mean IoU {figures["mean_iou"]:.2f}; found by '
+        'pasted side: ' + ', '.join(f'{span} px {100 * share:.1f}%'
+                                    for span, share in by_side.items()))
+  figures['models'] = []
+  for model_dir in FLAGS.model_dir:
+    figures['models'].append(measure(model_dir, records, made))
+    print_table(figures['models'][-1])
+  figures['seconds'] = round(time.time() - started, 1)
+  print(f'\n(found: the aligned recrop overlaps the pasted square with IoU >= {MATCH_IOU}; MAE '
+        f'and accuracy over the found faces; degraded: the pasted crop with its condition, not '
+        f'reframed.) {figures["machine"]}, {figures["seconds"]} s ({figures["detection_seconds"]}'
+        ' s making and searching the scenes). UTKFace: non-commercial research use only.')
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
       json.dump(figures, f, indent=2)

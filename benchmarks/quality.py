@@ -1,14 +1,20 @@
-"""Accuracy of a named recipe on a records folder: train, evaluate on the test split, one row.
+"""Accuracy of a recipe on a records folder: train, evaluate on validation and test, one row.
 
   python benchmarks/quality.py --records_dir=records --recipe=default --epochs=10
+  python benchmarks/quality.py --records_dir=records --age_head=distribution --age_sigma=2
   python benchmarks/quality.py --records_dir=records --recipe=reference --epochs=1 --image_size=128
 
-Each run trains with agegender.loop.train_and_evaluate (the command line's
-own run) into --model_dir, then appends one JSON row to --results (recipe,
-model, image size, epochs, wall time, machine, the best epoch's validation
-figures, the test split's gender accuracy, age MAE and CS@5, and the
-mean-age and majority baselines) and prints the table of every row there.
-Choose recipes by the validation columns; report the test ones.
+Every field of agegender.training.config is a flag, as in agegender.train (the
+same deriver, agegender.cli.define_flags), over --recipe; here --epochs
+defaults to 2, --image_size to 64 and --verbose to 2, and --model_dir to
+runs/quality/<label>. Each run trains with loop.train_and_evaluate (the
+command line's own run), evaluates the best model on the validation split
+too, then appends one JSON row to --results (the label: the recipe and the
+flags given; wall time, machine, the validation and test figures, each with
+gender accuracy, age MAE, CS@5, the age interval's coverage and width, and
+the children (under 13) and 13+ rows, and the baselines) and prints the table
+of every row there. Choose recipes by the validation columns; report the test
+ones. UTKFace figures are for non-commercial research only.
 """
 
 from __future__ import annotations
@@ -17,106 +23,105 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
-from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from agegender.training import loop
+from agegender import cli  # pylint: disable=wrong-import-position
+from agegender.serving import evaluate  # pylint: disable=wrong-import-position
+from agegender.serving import export  # pylint: disable=wrong-import-position
 from agegender.training import config as config_lib  # pylint: disable=wrong-import-position
+from agegender.training import loop  # pylint: disable=wrong-import-position
 
-flags.DEFINE_string('records_dir', 'records', 'Records written by agegender.make_records.')
+# This benchmark's defaults where they differ from training's: short runs to compare.
+DEFAULTS = {'epochs': 2, 'image_size': 64, 'verbose': 2}
+# Flags that say where and how loudly a run goes, not what it trains: left out of its label.
+_NOT_IN_LABEL = ('records_dir', 'model_dir', 'verbose', 'epochs', 'image_size')
+
 flags.DEFINE_enum('recipe', 'default', list(config_lib.RECIPES), 'The recipe to train.')
-flags.DEFINE_integer('epochs', 2, 'Epochs to train.')
-flags.DEFINE_integer('image_size', 64, 'Input side in pixels (64 to compare, 128 to confirm).')
-flags.DEFINE_string('model', None, 'Another model than the recipe\'s.')
-flags.DEFINE_string('model_dir', None, 'Where the run writes (default: runs/quality/<name>).')
 flags.DEFINE_string('results', 'benchmarks/results/quality.jsonl', 'The rows, one JSON a line.')
-flags.DEFINE_integer('verbose', 2, 'Progress: 0 silent, 1 progress bar, 2 a line per epoch.')
-flags.DEFINE_multi_string('set', [], 'Another configuration value over the recipe\'s, '
-                          'field=value (repeatable), e.g. --set=age_loss=mae.')
+cli.define_flags(*config_lib.SECTIONS.values(), defaults=DEFAULTS)
 FLAGS = flags.FLAGS
 
-COLUMNS = (('recipe', '{}'), ('model', '{}'), ('image_size', '{}'), ('epochs', '{}'),
-           ('wall_minutes', '{:.1f}'), ('val_gender_accuracy', '{:.3f}'),
-           ('val_age_mae', '{:.2f}'), ('test_gender_accuracy', '{:.3f}'),
-           ('test_age_mae', '{:.2f}'), ('test_cs5', '{:.3f}'), ('majority_accuracy', '{:.3f}'),
-           ('mean_age_mae', '{:.2f}'))
+GROUPS = {'under13': 'under 13', '13up': '13+'}
+COLUMNS = (('recipe', '{}'), ('image_size', '{}'), ('epochs', '{}'), ('wall_minutes', '{:.1f}'),
+           ('val_gender_accuracy', '{:.3f}'), ('val_age_mae', '{:.2f}'),
+           ('val_coverage', '{:.3f}'), ('val_width', '{:.1f}'),
+           ('test_gender_accuracy', '{:.3f}'), ('test_age_mae', '{:.2f}'),
+           ('test_cs5', '{:.3f}'), ('test_coverage', '{:.3f}'), ('test_width', '{:.1f}'),
+           ('test_under13_gender_accuracy', '{:.3f}'), ('test_under13_age_mae', '{:.2f}'),
+           ('test_13up_gender_accuracy', '{:.3f}'), ('test_13up_age_mae', '{:.2f}'))
 
 
-def parse_values(settings: list[str]) -> dict:
-  """{'age_loss': 'mae', 'dropout': 0.25} from ['age_loss=mae', 'dropout=0.25'], each value
-  of its field's type."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  fields = config_lib.fields()
-  values = {}
-  for setting in settings:
-    name, _, text = setting.partition('=')
-    if name not in fields:
-      raise app.UsageError(f'--set: unknown configuration field {name!r}')
-    field = fields[name][1]
-    default = field.default if field.default is not dataclasses.MISSING else ()
-    if isinstance(default, bool):
-      values[name] = text.lower() in ('1', 'true', 'yes', 'on')
-    elif isinstance(default, tuple):
-      values[name] = tuple(int(part) for part in text.split(',') if part)
-    else:
-      values[name] = type(default)(text)
+def config_values(flag_values: flags.FlagValues = FLAGS) -> dict[str, Any]:
+  """The configuration fields this run sets: this benchmark's defaults, then the flags given."""
+  values = dict(DEFAULTS)
+  for section in config_lib.SECTIONS.values():
+    values.update(cli.flag_values_of(section, flag_values, present_only=True))
   return values
 
 
-def run(recipe: str, epochs: int, image_size: int, records_dir: str, model: str | None,
-        model_dir: str | None, verbose: int, settings: dict | None = None) -> dict:
-  """Trains one recipe and returns its row."""
-  from agegender.training import loop  # pylint: disable=g-import-not-at-top
-  values = {'epochs': epochs, 'image_size': image_size, 'records_dir': records_dir,
-            'verbose': verbose, **(settings or {})}
-  if model:
-    values['model'] = model
+def figures(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
+  """An evaluation's headline figures, and its age groups', as flat `prefix`_name columns."""
+  keys = ('count', 'gender_accuracy', 'age_mae', 'cs5', 'coverage', 'width', 'no_gender')
+  row = {f'{prefix}_{key}': metrics[key] for key in keys if key in metrics}
+  for short, name in GROUPS.items():
+    group = metrics['by_age_group'].get(name, {})
+    row.update({f'{prefix}_{short}_{key}': value for key, value in group.items()})
+  return row
+
+
+def run(recipe: str, values: dict[str, Any]) -> dict[str, Any]:
+  """Trains one recipe with the fields in `values` and returns its row."""
   config = config_lib.make_config(recipe, **values)
-  label = recipe + ''.join(f'+{key}={value}' for key, value in (settings or {}).items())
-  name = f'{label}-{config.model.model}-{image_size}px-{epochs}ep'
-  config = config_lib.replace(config, model_dir=model_dir or os.path.join('runs', 'quality', name))
+  label = recipe + ''.join(f'+{key}={value}' for key, value in values.items()
+                           if key not in _NOT_IN_LABEL)
+  if not config.run.model_dir:
+    name = f'{label}-{config.model.model}-{config.data.image_size}px-{config.optim.epochs}ep'
+    config = config_lib.replace(config, model_dir=os.path.join('runs', 'quality', name))
   start = time.perf_counter()
   result = loop.train_and_evaluate(config)
   wall = time.perf_counter() - start
   best = min(result['history'], key=lambda row: row['val_age_output_mae'])
+  model = export.load_keras_model(config.model_dir)
+  validation = evaluate.evaluate_model(model, config.data.records_dir, split='validation',
+                                       output_dir=config.model_dir)
   metrics = result['metrics']
   return {
-      'recipe': label, 'model': config.model.model, 'image_size': image_size,
-      'epochs': epochs, 'wall_minutes': wall / 60, 'machine': machine.describe_cpu(),
+      'recipe': label, 'model': config.model.model, 'age_head': config.model.age_head,
+      'image_size': config.data.image_size, 'epochs': config.optim.epochs,
+      'seed': config.data.seed, 'wall_minutes': wall / 60, 'machine': machine.describe_cpu(),
       'best_epoch': int(best['epoch']) + 1,
-      'val_gender_accuracy': best['val_gender_output_accuracy'],
-      'val_age_mae': best['val_age_output_mae'],
-      'test_gender_accuracy': metrics['gender_accuracy'], 'test_age_mae': metrics['age_mae'],
-      'test_cs5': metrics['cs5'],
+      **figures(validation, 'val'), **figures(metrics, 'test'),
       'majority_accuracy': metrics['baselines']['majority_gender_accuracy'],
       'mean_age_mae': metrics['baselines']['mean_age_mae'],
       'model_dir': config.model_dir, 'config': config_lib.as_dict(config),
   }
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict[str, Any]]) -> str:
   lines = [' | '.join(name for name, _ in COLUMNS)]
   for row in rows:
-    lines.append(' | '.join(form.format(row[name]) for name, form in COLUMNS))
+    lines.append(' | '.join('-' if row.get(name) is None else form.format(row[name])
+                            for name, form in COLUMNS))
   return '\n'.join(lines)
 
 
 def main(argv):
-  del argv
-  row = run(FLAGS.recipe, FLAGS.epochs, FLAGS.image_size, FLAGS.records_dir, FLAGS.model,
-            FLAGS.model_dir, FLAGS.verbose, parse_values(FLAGS.set))
+  cli.no_arguments(argv)
+  row = run(FLAGS.recipe, config_values())
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.results)), exist_ok=True)
   with open(FLAGS.results, 'a') as f:
     f.write(json.dumps(row) + '\n')
   with open(FLAGS.results) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   print(table(rows))
-  print(f'machine: {row["machine"]}; test figures on UTKFace are for non-commercial research')
+  print(f'machine: {row["machine"]}; figures on UTKFace are for non-commercial research only')
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -25,7 +25,6 @@ from agegender.records import labels
 from agegender import make_records
 from agegender.records import publish
 from agegender import records
-from agegender.records import shards
 from agegender.records import synthetic
 
 import folders  # tests/folders.py
@@ -76,7 +75,8 @@ def _without_timings(manifest):
 @pytest.fixture(scope='module')
 def outputs(tmp_path_factory):
   """{'synthetic' | 'folder': {'local' | 'beam': (data set folder, summary or printout)}}."""
-  pytest.importorskip('apache_beam', reason="Apache Beam is not installed: pip install -e '.[beam]'")
+  pytest.importorskip('apache_beam',
+                      reason="Apache Beam is not installed: pip install -e '.[beam]'")
   root = tmp_path_factory.mktemp('beam')
   folder = _folder_with_copies_and_bad_files(root / 'src')
   result = {'synthetic': {}, 'folder': {}}
@@ -190,7 +190,8 @@ def face_outputs(tmp_path_factory):
   Beam runs on threads here (Beam still pickles every step, the table among its arguments):
   its worker processes start in seconds, and the fixture above already has them.
   """
-  pytest.importorskip('apache_beam', reason="Apache Beam is not installed: pip install -e '.[beam]'")
+  pytest.importorskip('apache_beam',
+                      reason="Apache Beam is not installed: pip install -e '.[beam]'")
   root = tmp_path_factory.mktemp('beam-faces')
   photos = {f'photos/p{index}.jpg': folders.face_photo(index) for index in range(4)}
   photos.update({'photos/empty.jpg': folders.no_face_photo(), 'photos/two.jpg':

@@ -29,7 +29,8 @@ _FRESH_PROCESS = textwrap.dedent('''
     photo, face = open(sys.argv[1], 'rb').read(), open(sys.argv[2], 'rb').read()
     for entry, options in (
         (('40_1_0_20170101000000001.jpg', face), convert.ConvertOptions()),
-        (('a/40-f.jpg', face), convert.ConvertOptions(name_pattern=r'(?P<age>\\d+)-(?P<gender>.)\\.jpg')),
+        (('a/40-f.jpg', face),
+         convert.ConvertOptions(name_pattern=r'(?P<age>\\d+)-(?P<gender>.)\\.jpg')),
         (('b.jpg', face, labels.Labels(40, -1, -1)), convert.ConvertOptions()),
         (('30_0_0_20170101000000002.jpg', photo), convert.ConvertOptions(find_faces=True))):
       result = convert.convert_in_worker(entry, options)

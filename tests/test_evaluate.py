@@ -51,6 +51,62 @@ def test_metrics_by_race_and_gender():
   assert metrics['by_gender']['female'] == {'count': 2, 'gender_accuracy': 0.5, 'age_mae': 5.0}
 
 
+def test_children_and_13_up_rows():
+  by_age = _metrics()['by_age_group']
+  assert list(by_age) == ['under 13', '13+']
+  assert by_age['under 13'] == {'count': 1, 'gender_accuracy': 1.0, 'age_mae': 2.0}
+  assert by_age['13+'] == {'count': 3, 'gender_accuracy': pytest.approx(1 / 3),
+                           'age_mae': pytest.approx(15 / 3)}
+  assert _metrics(true_age=[12, 13, 25, 95])['by_age_group']['under 13']['count'] == 1
+  table = evaluate.format_table(_metrics())
+  assert 'by age' in table and 'under 13' in table and '13+' in table
+
+
+# The interval of each face, by hand: inside, inside (on its edge), outside, outside.
+AGE_LOW = [4, 15, 30, 96]
+AGE_HIGH = [9, 20, 40, 99]   # widths 5, 5, 10, 3
+
+
+def test_coverage_and_width_of_the_interval_by_hand():
+  metrics = _metrics(age_low=AGE_LOW, age_high=AGE_HIGH)
+  assert metrics['has_interval']
+  assert metrics['coverage'] == pytest.approx(2 / 4)
+  assert metrics['width'] == pytest.approx((5 + 5 + 10 + 3) / 4)
+  assert metrics['by_age_group']['under 13']['coverage'] == 1.0
+  assert metrics['by_age_group']['13+']['coverage'] == pytest.approx(1 / 3)
+  assert metrics['by_age_group']['13+']['width'] == pytest.approx(18 / 3)
+  assert metrics['age_mae_by_decade']['20-29'] == {'count': 1, 'age_mae': 10.0,
+                                                   'coverage': 0.0, 'width': 10.0}
+  assert metrics['by_race']['Black']['coverage'] == pytest.approx(0.5)
+  table = evaluate.format_table(metrics)
+  assert 'coverage' in table and 'width' in table and '0.500' in table
+
+
+def test_a_model_without_an_interval_has_no_coverage():
+  for metrics in (_metrics(), _metrics(age_low=PREDICTED_AGE, age_high=PREDICTED_AGE)):
+    assert not metrics['has_interval']
+    assert 'coverage' not in metrics and 'coverage' not in metrics['by_age_group']['13+']
+    assert 'age interval: none' in evaluate.format_table(metrics)
+
+
+def test_gender_figures_skip_the_faces_without_a_gender():
+  metrics = _metrics(true_gender=[0, -1, 1, -1])  # Right, -, wrong, -.
+  assert metrics['no_gender'] == 2 and metrics['count'] == 4
+  assert metrics['gender_accuracy'] == pytest.approx(0.5)
+  assert metrics['age_mae'] == pytest.approx(17 / 4)  # Age figures keep every face.
+  assert metrics['by_gender']['unknown'] == {'count': 2, 'gender_accuracy': None,
+                                             'age_mae': pytest.approx(5 / 2)}
+  assert metrics['by_age_group']['under 13']['gender_accuracy'] == 1.0
+  assert metrics['baselines']['majority_gender_accuracy'] == pytest.approx(0.5)
+  none_known = _metrics(true_gender=[-1, -1, -1, -1])
+  assert none_known['gender_accuracy'] is None
+  assert none_known['baselines']['majority_gender_accuracy'] is None
+  table = evaluate.format_table(metrics)
+  assert '(2 without a gender: age figures only)' in table
+  assert json.loads(json.dumps(none_known)) == none_known
+  assert ' - ' in evaluate.format_table(none_known)
+
+
 def test_baselines_predict_the_training_mean_and_majority():
   baselines = _metrics()['baselines']
   assert baselines['mean_age_mae'] == pytest.approx((20 + 10 + 0 + 70) / 4)
@@ -117,16 +173,19 @@ def test_plot_predicted_age_writes_a_png(tmp_path):
   assert os.path.getsize(path) > 1000
 
 
-def test_evaluate_command_writes_the_split_metrics_beside_the_run(trained_run, synthetic_records):
+def test_evaluate_command_scores_every_record_with_split_all(trained_run, synthetic_records):
   completed = subprocess.run(
       [sys.executable, '-m', 'agegender.evaluate', f'--model_dir={trained_run["model_dir"]}',
-       f'--records_dir={synthetic_records}', '--split=validation'],
+       f'--records_dir={synthetic_records}', '--split=all'],
       capture_output=True, text=True, timeout=180)
   assert completed.returncode == 0, completed.stderr[-2000:]
-  assert 'validation split' in completed.stdout
-  with open(os.path.join(trained_run['model_dir'], 'metrics_validation.json')) as f:
+  with open(os.path.join(trained_run['model_dir'], 'metrics_all.json')) as f:
     metrics = json.load(f)
   manifest = contract.read_manifest(synthetic_records)
-  assert metrics['count'] == manifest['splits']['validation']['num_examples']
+  every = sum(manifest['splits'][split]['num_examples'] for split in contract.SPLITS)
+  assert metrics['count'] == every and metrics['split'] == 'all'
+  assert completed.stdout.startswith(f'all split: {every} images')
   assert 0 <= metrics['gender_accuracy'] <= 1 and metrics['age_mae'] >= 0
-  assert os.path.exists(os.path.join(trained_run['model_dir'], 'predicted_age_validation.png'))
+  assert sum(group['count'] for group in metrics['by_age_group'].values()) == every
+  assert 'under 13' in completed.stdout
+  assert os.path.exists(os.path.join(trained_run['model_dir'], 'predicted_age_all.png'))

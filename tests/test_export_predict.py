@@ -4,6 +4,7 @@ do not decode, safe loading, the predict CLI."""
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from agegender.data import pipeline
 from agegender.serving import predict
 from agegender.data import preprocess
 from agegender.records import synthetic
+from agegender.training import model as model_lib
 
 BATCH = 32
 
@@ -66,6 +68,9 @@ def test_the_saved_model_on_raw_bytes_matches_keras_on_the_pipeline(trained_run,
     served = serve(image_bytes=tf.constant([by_name[name] for name in names]))
     expected = model.predict_on_batch(images)
     np.testing.assert_array_equal(served['age'].numpy(), expected['age_output'].reshape(-1))
+    for name, value in zip(('age_low', 'age_high'), model_lib.age_interval(expected)):
+      np.testing.assert_array_equal(served[name].numpy(), value.reshape(-1))
+    assert np.all(served['age_low'].numpy() < served['age_high'].numpy())  # The default head's.
     np.testing.assert_array_equal(served['gender_probability'].numpy(),
                                   expected['gender_output'].reshape(-1))
     genders = [g.decode() for g in served['gender'].numpy()]
@@ -77,7 +82,27 @@ def test_the_serving_signature_takes_a_string_batch(trained_run):
   serve = export.load_serving_function(trained_run['export_dir'])
   _, inputs = serve.structured_input_signature
   assert inputs == {'image_bytes': tf.TensorSpec([None], tf.string, name='image_bytes')}
-  assert set(serve.structured_outputs) == {'age', 'gender_probability', 'gender'}
+  assert set(serve.structured_outputs) == {'age', 'age_low', 'age_high', 'gender_probability',
+                                            'gender'}
+  for name in ('age', 'age_low', 'age_high'):
+    assert serve.structured_outputs[name] == tf.TensorSpec([None], tf.float32, name=name)
+
+
+def test_a_regression_head_serves_its_age_as_low_and_high(tmp_path):
+  model = model_lib.build_model(config_lib.ModelConfig(model='tiny', age_head='regression'), 32,
+                                mean_age=30.0, age_std=15.0)
+  serve = export.load_serving_function(export.export_saved_model(model, str(tmp_path / 'e')))
+  faces = [jpeg for _, jpeg in synthetic.generate_synthetic(3, seed=6)]
+  served = serve(image_bytes=tf.constant(faces))
+  images = np.stack([preprocess.preprocess_encoded_image(face, 32).numpy() for face in faces])
+  expected = model.predict_on_batch(images)['age_output'].reshape(-1)
+  np.testing.assert_allclose(served['age'].numpy(), expected, rtol=1e-5)
+  np.testing.assert_array_equal(served['age_low'].numpy(), served['age'].numpy())
+  np.testing.assert_array_equal(served['age_high'].numpy(), served['age'].numpy())
+  # predict's lines: the age alone, and JSON's low and high equal to it.
+  result = predict.prediction('face.jpg', float(expected[0]), 0.3)
+  assert result['age_low'] == result['age_high'] == result['age']
+  assert predict.format_line(result) == f'face.jpg\t{result["age"]:.1f}\tmale\t0.700'
 
 
 def _png(width, height, seed=0):
@@ -130,7 +155,7 @@ def test_a_served_batch_with_unreadable_images_fails_naming_their_positions(trai
   np.testing.assert_allclose(served['age'].numpy(), alone, rtol=1e-6)
   empty = serve(image_bytes=tf.constant([], tf.string))
   assert {name: output.shape for name, output in empty.items()} == {
-      'age': (0,), 'gender_probability': (0,), 'gender': (0,)}
+      'age': (0,), 'age_low': (0,), 'age_high': (0,), 'gender_probability': (0,), 'gender': (0,)}
 
 
 @pytest.fixture
@@ -161,7 +186,7 @@ def test_predict_paths_goes_on_after_a_broken_file(trained_run, photos):
   for result in predicted:
     assert result['gender'] in ('male', 'female')
     assert 0.5 <= result['probability'] <= 1.0
-    assert result['age'] >= 0
+    assert 0 <= result['age_low'] < result['age'] < result['age_high']
 
 
 def test_predict_command_prints_json_lines_and_exits_0_with_a_broken_file(trained_run, photos):
@@ -173,7 +198,7 @@ def test_predict_command_prints_json_lines_and_exits_0_with_a_broken_file(traine
   assert len(lines) == 5
   errors = [line for line in lines if 'error' in line]
   assert [os.path.basename(line['file']) for line in errors] == ['broken.jpg']
-  assert all({'file', 'age', 'gender', 'probability'} <= set(line)
+  assert all({'file', 'age', 'age_low', 'age_high', 'gender', 'probability'} <= set(line)
              for line in lines if 'error' not in line)
 
 
@@ -190,7 +215,12 @@ def test_predict_command_prints_text_lines_and_fails_when_nothing_is_predicted(
   assert len(rows) == 4 and all(len(row) == 4 for row in rows)
   for file, age, gender, probability in rows:
     assert os.path.exists(file)
-    assert float(age) >= 0 and gender in ('male', 'female') and 0.5 <= float(probability) <= 1
+    # The age and its 80% interval in whole years: '34.2 (27-41)'.
+    match = re.fullmatch(r'(\d+\.\d) \((\d+)-(\d+)\)', age)
+    assert match, age
+    low, middle, high = int(match.group(2)), float(match.group(1)), int(match.group(3))
+    assert low <= middle <= high
+    assert gender in ('male', 'female') and 0.5 <= float(probability) <= 1
   assert [line for line in completed.stderr.splitlines() if 'error' in line] == [
       f'{os.path.join(photos, "broken.jpg")}: error: not a readable image (JPEG, PNG, BMP or GIF)']
 

@@ -3,6 +3,7 @@
 import collections
 import csv
 import io
+import json
 import tarfile
 
 import pytest
@@ -232,3 +233,16 @@ def test_synthetic_faces_need_no_table_and_files_no_table_finds_are_explained(tm
   with pytest.raises(contract.ArgumentError, match='no label row 1') as raised:
     records.build(folder, str(tmp_path / 'out'), labels=str(table), progress=False)
   assert f"'{name}'" in raised.value.hint and f"'src/{name}'" in raised.value.hint
+
+
+def test_records_made_before_these_flags_stay_up_to_date(tmp_path):
+  out = str(tmp_path / 'out')
+  records.build('synthetic', out, synthetic_count=6, workers=1, progress=False)
+  path = tmp_path / 'out' / contract.DATASET_NAME / contract.VERSION / contract.MANIFEST_NAME
+  manifest = json.loads(path.read_text())
+  for key in ('labels', 'labels_sha256', 'name_pattern', 'find_faces'):
+    del manifest['flags'][key]  # As an older make_records wrote them.
+  path.write_text(json.dumps(manifest))
+  assert records.build('synthetic', out, synthetic_count=6, skip_if_done=True)['up_to_date']
+  with pytest.raises(contract.ArgumentError, match=r'find_faces=False \(now True\)'):
+    records.build('synthetic', out, synthetic_count=6, find_faces=True, skip_if_done=True)

@@ -23,7 +23,6 @@ from agegender import contract
 from agegender.records import convert
 from agegender.records import publish
 from agegender import records
-from agegender.records import shards
 from agegender.records import synthetic
 
 import folders  # tests/folders.py

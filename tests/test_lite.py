@@ -2,6 +2,7 @@
 images, predict --tflite prints predict's lines, and a missing LiteRT is a one-line error."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -20,11 +21,14 @@ SIZE = 64
 
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
-  """A run folder holding an untrained tiny model.keras (ages in years) and, written by the
-  export command, its two TFLite models; the command's result beside it."""
+  """A run folder holding an untrained tiny model.keras with the distribution head (random
+  weights: each face its own distribution) and, written by the export command, its two TFLite
+  models; the command's result beside it."""
   model_dir = tmp_path_factory.mktemp('lite_run')
-  model = model_lib.build_model(config_lib.ModelConfig(model='tiny'), SIZE, mean_age=33.0,
-                                age_std=20.0)
+  model = model_lib.build_model(config_lib.ModelConfig(model='tiny', age_head='distribution'),
+                                SIZE, mean_age=33.0, age_std=20.0)
+  logits = model.get_layer('age_logits')
+  logits.kernel.assign(np.random.default_rng(0).normal(0, 0.5, logits.kernel.shape))
   model.save(str(model_dir / 'model.keras'))
   completed = _command('agegender.export', f'--model_dir={model_dir}',
                        f'--export_dir={model_dir / "export"}', '--tflite')
@@ -73,8 +77,9 @@ def test_the_tflite_models_match_keras_on_the_same_uint8_images(run_dir):
     assert model.input_shape == (None, SIZE, SIZE, 3)
     outputs = model.predict_on_batch(images)
     age_tolerance, probability_tolerance = tolerances[precision]
-    np.testing.assert_allclose(outputs[contract.AGE_OUTPUT], expected[contract.AGE_OUTPUT],
-                               atol=age_tolerance, rtol=0)
+    for name in (contract.AGE_OUTPUT, 'age_low', 'age_high'):
+      np.testing.assert_allclose(outputs[name], expected[name], atol=age_tolerance, rtol=0)
+    assert np.all(outputs['age_low'] < outputs['age_high'])
     np.testing.assert_allclose(outputs[contract.GENDER_OUTPUT], expected[contract.GENDER_OUTPUT],
                                atol=probability_tolerance, rtol=0)
     # One image alone: the same as in the batch.
@@ -86,7 +91,8 @@ def test_the_tflite_signature_names_its_input_and_outputs(run_dir):
   model_dir, _ = run_dir
   interpreter = lite.LiteModel(lite.tflite_paths(model_dir)['float16']).interpreter
   assert interpreter.get_signature_list() == {
-      'serving_default': {'inputs': ['image'], 'outputs': ['age', 'gender_probability']}}
+      'serving_default': {'inputs': ['image'], 'outputs': ['age', 'age_high', 'age_low',
+                                                           'gender_probability']}}
 
 
 def test_predict_with_tflite_prints_the_keras_lines(run_dir, tmp_path):
@@ -99,7 +105,11 @@ def test_predict_with_tflite_prints_the_keras_lines(run_dir, tmp_path):
   expected = list(predict.predict_paths(keras_model, [folder]))
   assert [row[0] for row in rows] == [result['file'] for result in expected]
   for (_, age, gender, probability), result in zip(rows, expected, strict=True):
+    # The age and its interval: those of Keras, give or take the last digit.
+    age, low, high = re.fullmatch(r'(\S+) \((\d+)-(\d+)\)', age).groups()
     assert abs(float(age) - result['age']) <= 0.11
+    assert abs(int(low) - result['age_low']) <= 0.51
+    assert abs(int(high) - result['age_high']) <= 0.51
     assert gender == result['gender']
     assert abs(float(probability) - result['probability']) <= 0.002
 

@@ -1,5 +1,6 @@
 """The dual-output models: uint8 input scaled inside, shapes, heads, dtypes, the age
-scale, the weights error, configuration errors, and the training step's losses."""
+scale, the distribution head's expectation, percentiles and loss, the weights error,
+configuration errors, and the training step's losses."""
 
 import keras
 import numpy as np
@@ -71,7 +72,7 @@ def test_compact_cnn_is_seven_normalized_convolutions_then_global_pooling():
 
 @pytest.mark.parametrize('name', ['tiny', 'seed_cnn'])
 def test_outputs_are_two_named_heads(name):
-  model = build(name, 64, filters=(4, 8, 8), dense_units=8)
+  model = build(name, 64, filters=(4, 8, 8), dense_units=8, age_head='regression')
   outputs = model.predict(pixels(2, 64), verbose=0)
   assert set(outputs) == {'gender_output', 'age_output'}
   assert outputs['gender_output'].shape == (2, 1)
@@ -102,13 +103,126 @@ def test_the_model_takes_uint8_pixels_and_scales_them_as_its_first_layer(tmp_pat
 
 def test_the_age_head_turns_training_split_units_into_years():
   keras.utils.set_random_seed(0)  # Some random weights put an untrained head far off.
-  model = build('tiny', 32, mean_age=33.0, age_std=12.5)
+  model = build('tiny', 32, mean_age=33.0, age_std=12.5, age_head='regression')
   images = pixels(3, 32)
   units = submodel(model, 'age_units').predict_on_batch(images)
   years = model.predict_on_batch(images)['age_output']
   np.testing.assert_allclose(years, units * 12.5 + 33.0, rtol=1e-6)
   # An untrained head predicts about the training split's mean age, not 0.
   assert np.all(np.abs(years - 33.0) < 3 * 12.5)
+
+
+def _distribution(**masses):
+  """A distribution over the whole years 0..AGES-1, [1, AGES], from {year: mass}."""
+  probabilities = np.zeros((1, model_lib.AGES), np.float32)
+  for year, mass in masses.items():
+    probabilities[0, int(year[1:])] = mass
+  return probabilities
+
+
+@pytest.mark.parametrize('masses, expected, low, high', [
+    # Ten years 20..29 alike: 10% of the mass below 20.5 and 90% below 28.5.
+    ({f'y{year}': 0.1 for year in range(20, 30)}, 24.5, 20.5, 28.5),
+    # Half at 10, half at 30: the 10th percentile a fifth into year 10's bin, the 90th four
+    # fifths into year 30's.
+    ({'y10': 0.5, 'y30': 0.5}, 20.0, 9.7, 30.3),
+    # All at one year: its bin's 10th and 90th points; at 0 the low end is clipped.
+    ({'y41': 1.0}, 41.0, 40.6, 41.4),
+    ({'y0': 1.0}, 0.0, 0.0, 0.4),
+    ({'y120': 1.0}, 120.0, 119.6, 120.0),
+])
+def test_expected_age_and_percentiles_of_a_known_distribution(masses, expected, low, high):
+  probabilities = _distribution(**masses)
+  np.testing.assert_allclose(model_lib.expected_age(probabilities), [[expected]], atol=1e-4)
+  np.testing.assert_allclose(model_lib.age_quantile(probabilities, 0.1), [[low]], atol=1e-4)
+  np.testing.assert_allclose(model_lib.age_quantile(probabilities, 0.9), [[high]], atol=1e-4)
+
+
+def test_the_calibrated_percentile_pair_holds_the_coverage_asked_for():
+  # Ten faces, each spread evenly over 20..29, their true ages 20..29: the interval
+  # [19.5 + 10q, 29.5 - 10q] holds 21..28 (80%) up to q = 0.15, and all ten below 0.05.
+  probabilities = np.repeat(_distribution(**{f'y{year}': 0.1 for year in range(20, 30)}), 10, 0)
+  ages = np.arange(20, 30)
+  assert model_lib.coverage_quantile(probabilities, ages, 0.8) == pytest.approx(0.15, abs=2e-4)
+  assert model_lib.coverage_quantile(probabilities, ages, 1.0) == pytest.approx(0.05, abs=2e-4)
+  assert model_lib.coverage_quantile(probabilities, ages, 0.2) == pytest.approx(0.45, abs=2e-4)
+
+
+def test_the_distribution_head_gives_the_expectation_and_percentiles_of_its_softmax(tmp_path):
+  keras.utils.set_random_seed(0)
+  model = build('tiny', 32, mean_age=33.0, age_std=12.5, age_head='distribution')
+  images = pixels(4, 32)
+  untrained = model.predict_on_batch(images)
+  # Zero weights and the prior's biases: every face starts at the training split's ages.
+  np.testing.assert_allclose(untrained['age_distribution'][0],
+                             keras.ops.softmax(model_lib.prior_logits(33.0, 12.5)), atol=1e-6)
+  logits = model.get_layer('age_logits')
+  logits.kernel.assign(np.random.default_rng(1).normal(0, 0.3, logits.kernel.shape))
+  outputs = model.predict_on_batch(images)
+  assert set(outputs) == {'gender_output', 'age_output', 'age_low', 'age_high',
+                          'age_distribution'}
+  distribution = outputs['age_distribution']
+  assert distribution.shape == (4, 121)
+  np.testing.assert_allclose(distribution.sum(axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(outputs['age_output'], model_lib.expected_age(distribution),
+                             rtol=1e-5)
+  np.testing.assert_allclose(outputs['age_low'], model_lib.age_quantile(distribution, 0.1),
+                             rtol=1e-5)
+  np.testing.assert_allclose(outputs['age_high'], model_lib.age_quantile(distribution, 0.9),
+                             rtol=1e-5)
+  assert np.all(outputs['age_low'] < outputs['age_output'])
+  assert np.all(outputs['age_output'] < outputs['age_high'])
+  assert len(set(np.round(outputs['age_output'].ravel(), 3))) == 4  # Each face its own.
+  low, high = model_lib.age_interval(outputs)
+  np.testing.assert_array_equal(low, outputs['age_low'])
+  # Saved and loaded in safe mode: the same outputs; another percentile pair is saved too.
+  path = str(tmp_path / 'model.keras')
+  model.save(path)
+  loaded = export.load_keras_model(path).predict_on_batch(images)
+  for name, value in outputs.items():
+    np.testing.assert_allclose(loaded[name], value, rtol=1e-6)
+  assert model_lib.interval_quantiles(model) == (0.1, 0.9)
+  model_lib.set_interval_quantiles(model, 0.2, 0.8)
+  model.save(path)
+  narrower = export.load_keras_model(path)
+  assert model_lib.interval_quantiles(narrower) == (0.2, 0.8)
+  np.testing.assert_allclose(narrower.predict_on_batch(images)['age_low'],
+                             model_lib.age_quantile(distribution, 0.2), rtol=1e-5)
+
+
+def test_a_regression_head_has_no_interval_low_and_high_are_the_age():
+  outputs = build('tiny', 32, age_head='regression').predict_on_batch(pixels(2, 32))
+  low, high = model_lib.age_interval(outputs)
+  np.testing.assert_array_equal(low, outputs['age_output'])
+  np.testing.assert_array_equal(high, outputs['age_output'])
+
+
+def test_the_distribution_loss_on_known_cases():
+  ages = np.array([[30.0], [0.0]], np.float32)
+  target = np.exp(trainer.log_gaussian_labels(ages, 3.0).numpy())
+  years = np.arange(model_lib.AGES)
+  by_hand = np.exp(-np.square(years - ages) / 18.0)
+  np.testing.assert_allclose(target, by_hand / by_hand.sum(axis=-1, keepdims=True), rtol=1e-5,
+                             atol=1e-9)
+  # The target itself: KL 0. A uniform guess: log(AGES) less the target's entropy.
+  np.testing.assert_allclose(trainer.distribution_loss(target, ages, 3.0), [0.0, 0.0], atol=1e-5)
+  uniform = np.full((2, model_lib.AGES), 1 / model_lib.AGES, np.float32)
+  entropy = -np.sum(target * np.log(np.maximum(target, 1e-30)), axis=-1)
+  np.testing.assert_allclose(trainer.distribution_loss(uniform, ages, 3.0),
+                             np.log(model_lib.AGES) - entropy, rtol=1e-4)
+  # The age loss adds the expected age's absolute error, in the loss's unit (10 years here).
+  optim = config_lib.OptimConfig(age_sigma=3.0)
+  task = trainer.Task(model=None, optimizer=None, optim=optim, age_unit=10.0,
+                      global_batch_size=2, metrics={})
+  outputs = {'gender_output': np.full((2, 1), 0.5, np.float32),
+             'age_output': model_lib.expected_age(uniform),
+             'age_distribution': uniform}
+  targets = {'gender_output': np.array([[1.0], [-1.0]], np.float32), 'age_output': ages}
+  gender, age = trainer.per_example_losses(task, outputs, targets)
+  np.testing.assert_allclose(gender, [np.log(2.0), 0.0], rtol=1e-5)
+  mean = model_lib.expected_age(uniform).numpy()[:, 0]  # 60 years.
+  np.testing.assert_allclose(age, np.log(model_lib.AGES) - entropy + np.abs(mean - ages[:, 0]) / 10,
+                             rtol=1e-4)
 
 
 @pytest.mark.parametrize('name', sorted(config_lib.BACKBONES))
@@ -161,16 +275,22 @@ def test_an_unknown_age_loss_is_an_argument_error():
   assert e.value.field == 'age_loss'
 
 
-@pytest.mark.parametrize('age_loss', config_lib.AGE_LOSSES)
-def test_the_training_step_learns_a_constant_target_with_each_age_loss(age_loss):
+@pytest.mark.parametrize('age_head, age_loss', [('regression', loss)
+                                                 for loss in config_lib.AGE_LOSSES]
+                         + [('distribution', 'huber')])
+def test_the_training_step_learns_a_constant_target_with_each_age_loss(age_head, age_loss):
   keras.utils.set_random_seed(0)
   # One constant image: Adam moves every weight alike, so a small rate is a steady descent.
   optim = config_lib.OptimConfig(age_loss=age_loss, learning_rate=1e-4, weight_decay=0.0,
                                  schedule='constant')
-  model = build('tiny', 32, mean_age=20.0, age_std=10.0, dropout=0.0, batch_norm=False)
+  model = build('tiny', 32, mean_age=20.0, age_std=10.0, dropout=0.0, batch_norm=False,
+                age_head=age_head)
+  interval = age_head == 'distribution'
+  if interval:  # Zero weights move only the biases, alike for every face; learn faster.
+    optim = config_lib.replace(config_lib.Config(optim=optim), learning_rate=1e-2).optim
   task = trainer.Task(model=model, optimizer=trainer.make_optimizer(optim, 10, False),
                       optim=optim, age_unit=10.0, global_batch_size=32,
-                      metrics=trainer.make_metrics())
+                      metrics=trainer.make_metrics(interval))
   images = np.full((32, 32, 32, 3), 128, np.uint8)
   targets = {'gender_output': np.ones((32, 1), np.float32),
              'age_output': np.full((32, 1), 45.0, np.float32)}
@@ -184,6 +304,8 @@ def test_the_training_step_learns_a_constant_target_with_each_age_loss(age_loss)
     steps, examples = run_steps(iterator)
     assert (int(steps), int(examples)) == (1, 32)
     errors.append(trainer.results(task)['age_output_mae'])
-  assert set(trainer.results(task)) >= {'loss', 'gender_output_accuracy', 'age_output_mae'}
+  logged = trainer.results(task)
+  assert set(logged) >= {'loss', 'gender_output_accuracy', 'age_output_mae'}
+  assert ('age_output_coverage' in logged) == interval
   assert errors[-1] < errors[0] / 4, errors  # Years off before each step: 14 at first.
   assert int(run_steps(iterator)[0]) == 0  # The end of the data: no step.

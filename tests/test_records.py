@@ -87,6 +87,18 @@ def test_bad_inputs_are_rejected_with_the_reason(faces, index, kind, detail):
   assert detail in result.reason
 
 
+def test_a_file_that_ends_too_soon_is_truncated_and_bad_bytes_are_corrupt(faces):
+  data = faces[sorted(faces)[0]]
+  for cut in (40, 200, len(data) // 2, len(data) - 2):  # In the header, in the pixels.
+    result = convert.convert_image('30_1_0_20170101000000003.jpg', data[:cut], OPTIONS)
+    assert (result.kind, result.name) == (convert.TRUNCATED, '30_1_0_20170101000000003.jpg')
+  scan = data.index(b'\xff\xda') + 40
+  broken = data[:scan] + b'\xff\xd8' + data[scan + 2:]  # A start-of-image marker mid-scan.
+  result = convert.convert_image('30_1_0_20170101000000003.jpg', broken, OPTIONS)
+  assert (result.kind, result.reason) == (convert.CORRUPT,
+                                          'broken data stream when reading image file')
+
+
 @pytest.mark.parametrize('data', [
     _jpeg('RGB', (10, 200, 30), image_format='PNG'),  # A PNG named .jpg.
     _jpeg('L', 128),

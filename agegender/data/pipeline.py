@@ -35,6 +35,9 @@ from agegender.data import service
 from agegender.data import shard_reader
 
 AUTOTUNE = tf.data.AUTOTUNE
+# The split that reads every split of the records, in the manifest's order: a whole set
+# (one converted only for evaluation need not be split).
+ALL = 'all'
 # Shards read at once in training; more mixes better, each costs a read buffer.
 MAX_PARALLEL_SHARDS = 16
 
@@ -43,8 +46,10 @@ def _split_shards(manifest: dict[str, Any], split: str,
                   input_context) -> tuple[list[str], list[int], int]:
   """Paths and record counts of the shards this input pipeline reads, and every how
   many-th of their records it keeps (1: all; n: sharding by record)."""
-  paths = contract.split_shards(manifest, split)
-  counts = [int(shard['num_examples']) for shard in manifest['splits'][split]['shards']]
+  names = list(manifest['splits']) if split == ALL else [split]
+  paths = [path for name in names for path in contract.split_shards(manifest, name)]
+  counts = [int(shard['num_examples']) for name in names
+            for shard in manifest['splits'][name]['shards']]
   if not paths:
     raise contract.RecordsError(f'split {split!r} of {manifest["directory"]} has no records')
   missing = [path for path in paths if not tf.io.gfile.exists(path)]
@@ -87,11 +92,12 @@ def make_dataset(data: config_lib.DataConfig, split: str, *, training: bool = Fa
                  input_context: tf.distribute.InputContext | None = None,
                  include_metadata: bool = False, drop_remainder: bool = False,
                  manifest: dict[str, Any] | None = None) -> tf.data.Dataset:
-  """The batches of one split of the records under `data.records_dir`.
+  """The batches of one split of the records under `data.records_dir` (ALL: of every split).
 
   Yields `(images, targets)`: images uint8 [B, S, S, 3] (S = data.image_size),
   targets `{'gender_output': float32 [B, 1], 'age_output': float32 [B, 1]}`
-  (age in years). With `include_metadata`, a third element `{'age', 'gender',
+  (age in years; gender labels.UNKNOWN_GENDER, -1, where the source gave none). With
+  `include_metadata`, a third element `{'age', 'gender',
   'race': int64 [B], 'file_name': string [B]}`.
 
   training: shuffle the shard order every epoch and the records through a

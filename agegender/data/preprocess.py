@@ -10,6 +10,8 @@ serving never drifts from training.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import tensorflow as tf
@@ -72,27 +74,93 @@ def preprocess_encoded_batch(encoded: Any,
       parallel_iterations=DECODE_PARALLELISM)
 
 
-def augment_batch(images: tf.Tensor, seed: tf.Tensor, first: Any = 0,
-                  total: Any = None) -> tf.Tensor:
-  """A training-time variation of each uint8 image of a batch [B, S, S, 3]: a
-  horizontal flip or not, then a shift of up to S/16 pixels each way, the
-  edges reflected. One gather of the whole batch (a per-image map, or pad
-  and crop, costs several times the decode); stateless: the same batch and
-  seed (int [2]) give the same result, on any device.
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """What augment_batch varies, each image drawn on its own; ranges are +- unless noted.
 
-  first, total: the batch is images first..first+B-1 of a batch of `total`
-  (one replica's share of the global batch), and gets their draws, so
-  splitting a batch over replicas changes nothing.
+  Faces reach the model reframed by a detector (a few pixels of shift, some scale and turn)
+  and from photos unlike UTKFace's crops (grey, faded, blurred): the jitter mimics both.
   """
-  size = images.shape[1]
-  pad = max(1, size // 16)
+  flip: bool = True  # Half the images mirrored left to right.
+  shift: float = 1 / 16  # Of the side, each way.
+  scale: float = 0.0  # The face's size, as a fraction (0.1: 0.9x to 1.1x).
+  rotation: float = 0.0  # Degrees.
+  brightness: float = 0.0  # Added, as a fraction of full scale.
+  contrast: float = 0.0  # Of the distance from the image's mean grey (0.4: 0.6x to 1.4x).
+  saturation: tuple[float, float] = (1.0, 1.0)  # Range of the colour kept (0: grey).
+  grey: float = 0.0  # Share of the images made fully grey (R = G = B).
+  blur: float = 0.0  # Share of the images blurred, each mixed with a random part of its blur.
+
+  @property
+  def geometric(self) -> bool:  # Needs the bilinear sampler (else one integer gather).
+    return bool(self.scale or self.rotation)
+
+  @property
+  def photometric(self) -> bool:
+    return bool(self.brightness or self.contrast or self.grey or self.blur or
+                self.saturation != (1.0, 1.0))
+
+
+_COLOUR = dict(brightness=0.12, contrast=0.4, saturation=(0.3, 1.3), grey=0.15, blur=0.2)
+_GEOMETRY = dict(scale=0.1, rotation=12.0)
+# By name (DataConfig.augment_policy): flip_shift is the flip and integer shift alone, as before
+# 'photo' existed; geometric and colour are photo's two halves, for measuring each.
+POLICIES = {
+    'none': None,
+    'flip_shift': Policy(),
+    'geometric': Policy(**_GEOMETRY),
+    'colour': Policy(**_COLOUR),
+    'photo': Policy(**_GEOMETRY, **_COLOUR),
+}
+# The blur: a box mean 2r + 1 pixels wide, r this many per 64 px of the side (at 64 px a 3x3
+# mean, about a Gaussian of 0.8 px: roughly what a face pasted at half the size loses).
+BLUR_RADIUS = 1.0
+# Luma weights (ITU-R BT.601), as tf.image.rgb_to_grayscale.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def augment_batch(images: tf.Tensor, seed: tf.Tensor, first: Any = 0, total: Any = None,
+                  policy: str | Policy = 'flip_shift') -> tf.Tensor:
+  """A training-time variation of each uint8 image of a batch [B, S, S, 3], by `policy` (a
+  POLICIES name or a Policy): flipped or not and shifted (the edges reflected), for
+  geometric policies also scaled and turned about the centre in the same single bilinear
+  gather, then for photometric ones blurred, desaturated, contrast- and brightness-jittered
+  (elementwise, plus one separable blur of the batch). Stateless: the same batch and seed
+  (int [2]) give the same result, on any device.
+
+  first, total: the batch is images first..first+B-1 of a batch of `total` (one replica's
+  share of the global batch), and gets their draws, so splitting a batch over replicas
+  changes nothing.
+  """
+  policy = POLICIES[policy] if isinstance(policy, str) else policy
+  if policy is None:
+    return images
   batch = tf.shape(images)[0]
   total = batch if total is None else total
+  # Two draws as before 'photo' existed (flip_shift's images are unchanged); the rest from a third.
   flip_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  jitter_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+  draws = tf.random.stateless_uniform([total, 8], jitter_seed)[first:first + batch]
   flip = tf.random.stateless_uniform([total], flip_seed, maxval=2, dtype=tf.int32) > 0
-  shifts = tf.random.stateless_uniform([total, 2], shift_seed, maxval=2 * pad + 1,
-                                       dtype=tf.int32) - pad
-  flip, shifts = flip[first:first + batch], shifts[first:first + batch]
+  flip = tf.logical_and(flip[first:first + batch], policy.flip)
+  if policy.geometric:
+    pixels = _affine(images, flip, draws[:, :4] * 2 - 1, policy)
+  else:
+    pad = max(1, int(images.shape[1] * policy.shift)) if policy.shift else 0
+    shifts = tf.random.stateless_uniform([total, 2], shift_seed, maxval=2 * pad + 1,
+                                         dtype=tf.int32) - pad
+    pixels = _shift(images, flip, shifts[first:first + batch])
+    if not policy.photometric:
+      return pixels
+  if policy.photometric:
+    pixels = _photometric(tf.cast(pixels, tf.float32), draws[:, 4:], policy)
+  return tf.cast(tf.round(tf.clip_by_value(pixels, 0.0, 255.0)), tf.uint8)
+
+
+def _shift(images: tf.Tensor, flip: tf.Tensor, shifts: tf.Tensor) -> tf.Tensor:
+  """Each image flipped or not, then shifted by whole pixels, the edges reflected: one
+  integer gather."""
+  size = images.shape[1]
   span = tf.range(size)[None, :]
 
   def reflect(index):  # As tf.pad's REFLECT: -1 reads 1, size reads size - 2.
@@ -102,5 +170,65 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, first: Any = 0,
   rows = reflect(shifts[:, :1] + span)
   columns = reflect(shifts[:, 1:] + span)
   columns = tf.where(flip[:, None], size - 1 - columns, columns)
-  pixels = (tf.range(batch)[:, None, None] * size + rows[:, :, None]) * size + columns[:, None, :]
+  pixels = (tf.range(tf.shape(images)[0])[:, None, None] * size + rows[:, :, None]) * size + (
+      columns[:, None, :])
   return tf.gather(tf.reshape(images, [-1, 3]), pixels)
+
+
+def _affine(images: tf.Tensor, flip: tf.Tensor, draws: tf.Tensor, policy: Policy) -> tf.Tensor:
+  """Each image flipped or not, scaled, turned and shifted about its centre (draws in [-1, 1]:
+  scale, angle, shift x, shift y), bilinear, the edge pixels repeated past the edges (as
+  faces.align fills a crop); float32 out."""
+  size = images.shape[1]
+  centre = (size - 1) / 2
+  zoom = 1 + policy.scale * draws[:, 0]
+  angle = draws[:, 1] * policy.rotation * (math.pi / 180)
+  # Output pixel (u, v) from the centre reads the input at centre + shift + R(angle) (u, v) / zoom.
+  cos, sin = [(f(angle) / zoom)[:, None, None] for f in (tf.cos, tf.sin)]
+  u = (tf.range(size, dtype=tf.float32) - centre)[None, None, :] * (
+      tf.where(flip, -1.0, 1.0)[:, None, None])
+  v = (tf.range(size, dtype=tf.float32) - centre)[None, :, None]
+  offset = centre + policy.shift * size * draws[:, 2:]
+  # Small [B, 1, S] and [B, S, 1] terms, added once into [B, S, S].
+  x = (offset[:, :1, None] + cos * u) - sin * v
+  y = (offset[:, 1:, None] + sin * u) + cos * v
+  # Clamped into the image, the top-left neighbour at most size - 2: the four neighbours are
+  # then always index, +1, +size, +size+1, and a clamped coordinate repeats the edge.
+  x = tf.clip_by_value(x, 0.0, size - 1.0)
+  y = tf.clip_by_value(y, 0.0, size - 1.0)
+  x0 = tf.minimum(tf.floor(x), size - 2.0)
+  y0 = tf.minimum(tf.floor(y), size - 2.0)
+  wx, wy = x - x0, y - y0
+  index = tf.cast(y0, tf.int32) * size + tf.cast(x0, tf.int32) + (
+      tf.range(tf.shape(images)[0])[:, None, None] * (size * size))
+  # The four neighbours of every output pixel in one gather (on a GPU, one kernel).
+  corners = tf.gather(tf.reshape(images, [-1, 3]),
+                      tf.stack([index, index + 1, index + size, index + size + 1]))
+  weights = tf.stack([(1 - wx) * (1 - wy), wx * (1 - wy), (1 - wx) * wy, wx * wy])
+  return tf.reduce_sum(tf.cast(corners, tf.float32) * weights[..., None], axis=0)
+
+
+def _photometric(pixels: tf.Tensor, draws: tf.Tensor, policy: Policy) -> tf.Tensor:
+  """Blur, saturation (some images fully grey), contrast and brightness, per image (draws in
+  [0, 1]: blur, grey-or-saturation, contrast, brightness), float32 in and out.
+
+  Saturation s, contrast c and brightness b are affine in the colour: c s x + c (1 - s) grey +
+  (1 - c) mean + b, with grey the pixel's luma and mean the image's; applied in that one form
+  (a grey image's channels then come out equal, bit for bit).
+  """
+  per_image = lambda column: draws[:, column, None, None, None]
+  if policy.blur:
+    # One blur of the batch, mixed in by a random amount in the images drawn to be blurred.
+    amount = tf.where(per_image(0) < policy.blur, per_image(0) / policy.blur, 0.0)
+    width = 2 * max(1, round(BLUR_RADIUS * pixels.shape[1] / 64)) + 1
+    pixels += amount * (tf.nn.avg_pool2d(pixels, width, 1, 'SAME') - pixels)
+  low, high = policy.saturation
+  # The grey share is drawn from the low end of the column; the rest spreads over the range.
+  share = tf.clip_by_value((per_image(1) - policy.grey) / max(1e-6, 1 - policy.grey), 0.0, 1.0)
+  saturation = tf.where(per_image(1) < policy.grey, 0.0, low + share * (high - low))
+  contrast = 1 + policy.contrast * (2 * per_image(2) - 1)
+  brightness = 255 * policy.brightness * (2 * per_image(3) - 1)
+  grey = tf.reduce_sum(pixels * tf.constant(_LUMA), axis=-1, keepdims=True)
+  mean = tf.reduce_mean(grey, axis=[1, 2], keepdims=True)
+  shade = grey * (contrast * (1 - saturation)) + ((1 - contrast) * mean + brightness)
+  return pixels * (contrast * saturation) + shade

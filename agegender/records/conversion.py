@@ -65,10 +65,11 @@ class ConvertConfig:
       contract.STORAGE_FORMATS)
   image_size: int | None = options.option(
       None, "Resize to this square size before storing; unset keeps the source's JPEG bytes "
-      'unchanged. Required for --image_format=raw.', lower=1)
+      'unchanged (with --find_faces: 200x200 crops). Required for --image_format=raw.',
+      lower=1)
   jpeg_quality: int = options.option(
-      DEFAULT_JPEG_QUALITY, 'Quality of re-encoded JPEGs (resized images, and sources that are '
-      'not RGB JPEGs).', lower=1, upper=100)
+      DEFAULT_JPEG_QUALITY, 'Quality of re-encoded JPEGs (resized images, face crops, and '
+      'sources that are not RGB JPEGs).', lower=1, upper=100)
   shard_size_mb: float = options.option(
       DEFAULT_SHARD_SIZE_MB, 'Target shard size in MiB (ignored when --num_shards is set).',
       above=0)
@@ -198,7 +199,8 @@ def build(source: str, records_dir: str, **settings: Any) -> dict[str, Any]:
 def _build(config: ConvertConfig) -> dict[str, Any]:
   source, records_dir = config.source, config.records_dir
   split, image_format, image_size = config.split, config.image_format, config.image_size
-  jpeg_quality, shard_size_mb, num_shards = config.jpeg_quality, config.shard_size_mb, config.num_shards
+  jpeg_quality, shard_size_mb = config.jpeg_quality, config.shard_size_mb
+  num_shards = config.num_shards
   label_conflicts, max_file_mb = config.label_conflicts, config.max_file_mb
   max_image_pixels, large_images = config.max_image_pixels, config.large_images
   overwrite, skip_if_done = config.overwrite, config.skip_if_done
@@ -223,7 +225,8 @@ def _build(config: ConvertConfig) -> dict[str, Any]:
               'shard_size_mb': shard_size_mb, 'num_shards': num_shards,
               'label_conflicts': label_conflicts, 'max_file_mb': max_file_mb,
               'max_image_pixels': max_image_pixels, 'large_images': large_images,
-              'labels': table and table.path, 'labels_sha256': table and table.sha256,
+              'labels': table.path if table else None,
+              'labels_sha256': table.sha256 if table else None,
               'name_pattern': config.name_pattern, 'find_faces': config.find_faces}
   if spec == sources.SYNTHETIC:
     settings.update(synthetic_count=synthetic_count, seed=seed)

@@ -227,7 +227,11 @@ def face_crop(image: Image.Image, size: int = faces.CROP_SIZE) -> np.ndarray:
     subject = faces.subject(found)
   except ValueError as e:  # With faces found, subject() refuses only two of similar size.
     raise ImageRejected(TWO_FACES, str(e)) from None
-  return faces.align(pixels, subject, size=size)
+  try:
+    # Refined as prediction refines its faces, so both frame a face alike.
+    return faces.align(pixels, faces.refine(pixels, subject), size=size)
+  except ValueError as e:  # Eyes found on one spot, or not at all: no face to align.
+    raise ImageRejected(NO_FACE, f'the face cannot be aligned: {e}') from None
 
 
 def stored_image(image: Image.Image, data: bytes, options: ConvertOptions,

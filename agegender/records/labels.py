@@ -147,7 +147,7 @@ def compile_name_pattern(pattern: str) -> re.Pattern:
                                  f'name_pattern is not a regular expression: {e}') from None
   if 'age' not in compiled.groupindex:
     raise contract.ArgumentError(
-        'name_pattern', f'name_pattern {pattern!r} has no group (?P<age>...); it needs one, '
+        'name_pattern', f'name_pattern "{pattern}" has no group (?P<age>...); it needs one, '
         'and may have (?P<gender>...) and (?P<race>...)')
   return compiled
 

@@ -1,13 +1,18 @@
-"""Sources of UTKFace images, each opened as a stream of (name, bytes).
+"""Sources of face images, each opened as a stream of (name, bytes).
 
 A source spec is one of:
 
 - ``kaggle``: Kaggle's ``jangedoo/utkface-new``, through kagglehub (which keeps
   its own cache; see kagglehub's KAGGLEHUB_CACHE setting);
 - ``synthetic``: generated faces (agegender.records.synthetic);
-- a path to a folder (searched recursively, symlinked folders followed), a
-  ``.tar``, ``.tar.gz``/``.tgz`` or ``.zip`` archive. Folder paths with a
-  scheme (``gs://...``) are read through tf.io.gfile.
+- a path to a folder (listed by files.walk, the one folder walker: searched
+  recursively, symlinked folders followed once, hidden files and __MACOSX
+  left out), a ``.tar``, ``.tar.gz``/``.tgz`` or ``.zip`` archive. Folder
+  paths with a scheme (``gs://...``) are read through files.gfile().
+
+A name is the file's path relative to the source's root (the folder, or the
+archive's top without tar's ``./``): what labels are parsed from, and what a
+labels table's ``path`` column names.
 
 Archives are read member by member: nothing is extracted to disk. Names are
 only ever parsed for labels, never used as paths, so a hostile member name

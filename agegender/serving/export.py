@@ -3,9 +3,12 @@
 The signature `serving_default` takes a batch of JPEG or PNG bytes of any size
 (`image_bytes`, tf.string [None]) and runs the pipeline's own
 `preprocess.preprocess_encoded_image` before the model, so serving cannot drift from
-training. It returns `age` (float32 [None], years), `gender_probability`
-(float32 [None], the probability of female, UTKFace's gender 1) and `gender`
-(tf.string [None], 'male' or 'female').
+training. It returns `age` (float32 [None], years), `age_low` and `age_high`
+(float32 [None], years: the distribution head's 80% interval, its 10th and
+90th percentiles; a regression head has no interval and returns low = high =
+age, so one client serves both), `gender_probability` (float32 [None], the
+probability of female, UTKFace's gender 1) and `gender` (tf.string [None],
+'male' or 'female').
 
 Bad bytes: a batch is served whole or not at all. When any of its images
 cannot be decoded (not an image, empty, truncated), the call fails with
@@ -35,7 +38,7 @@ from agegender import contract
 from agegender import files
 from agegender import options
 from agegender.records import labels as labels_lib
-from agegender.training import model as model_lib  # pylint: disable=unused-import  # Registers custom layers.
+from agegender.training import model as model_lib  # Also registers the custom layers.
 from agegender.data import preprocess
 
 
@@ -104,7 +107,8 @@ def decode_images(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def serving_function(model: keras.Model):
-  """Encoded bytes [None] -> {'age', 'gender_probability', 'gender'}, each [None]."""
+  """Encoded bytes [None] -> {'age', 'age_low', 'age_high', 'gender_probability', 'gender'},
+  each [None]."""
   image_size = image_size_of(model)
   genders = tf.constant(labels_lib.GENDERS)
 
@@ -117,9 +121,11 @@ def serving_function(model: keras.Model):
     blank = tf.zeros([1, image_size, image_size, 3], tf.uint8)
     outputs = model(tf.concat([images, blank], 0), training=False)
     probability = tf.reshape(tf.cast(outputs[contract.GENDER_OUTPUT], tf.float32), [-1])[:count]
-    age = tf.reshape(tf.cast(outputs[contract.AGE_OUTPUT], tf.float32), [-1])[:count]
+    age, low, high = (tf.reshape(tf.cast(value, tf.float32), [-1])[:count] for value in (
+        outputs[contract.AGE_OUTPUT], *model_lib.age_interval(outputs)))
     gender = tf.gather(genders, tf.cast(probability >= 0.5, tf.int32))
-    return {'age': age, 'gender_probability': probability, 'gender': gender}
+    return {'age': age, 'age_low': low, 'age_high': high, 'gender_probability': probability,
+            'gender': gender}
 
   return serve
 

@@ -7,12 +7,15 @@ removes them):
   model.tflite        float32 weights and arithmetic
   model_fp16.tflite   float16 weights (half the size), dequantized to float32 to run
 
-Each has one signature, `serving_default`, with one input and two outputs:
+Each has one signature, `serving_default`, with one input and four outputs:
 
   image               uint8 [N, S, S, 3]: RGB pixels at the model's input size S
                       (decoded and resized outside TFLite, by agegender.data.preprocess;
                       the model's first layer scales them to [0, 1])
   age                 float32 [N]: years
+  age_low, age_high   float32 [N]: years, the distribution head's 80% interval (its
+                      10th and 90th percentiles); a regression head has none and
+                      gives age_low = age_high = age, as the SavedModel does
   gender_probability  float32 [N]: the probability of female (UTKFace's gender 1)
 
 Ask for outputs by name through the signature runner: the flat output tensors'
@@ -28,14 +31,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from agegender import files
 from agegender import contract
+from agegender import files
+from agegender.training import model as model_lib
 
 TFLITE_FILE = 'model.tflite'
 TFLITE_FP16_FILE = 'model_fp16.tflite'
 SIGNATURE = 'serving_default'
 INPUT_NAME = 'image'
 AGE_NAME = 'age'
+AGE_LOW_NAME = model_lib.AGE_LOW
+AGE_HIGH_NAME = model_lib.AGE_HIGH
 GENDER_NAME = 'gender_probability'
 MISSING_LITERT = ("running TFLite models needs LiteRT (ai-edge-litert): "
                   "pip install -e '.[tflite]'")
@@ -58,8 +64,10 @@ def _write_serving_saved_model(model: keras.Model, directory: str) -> None:
 
   def serve(image):
     outputs = model(image, training=False)
-    return {AGE_NAME: tf.reshape(tf.cast(outputs[contract.AGE_OUTPUT], tf.float32), [-1]),
-            GENDER_NAME: tf.reshape(tf.cast(outputs[contract.GENDER_OUTPUT], tf.float32), [-1])}
+    low, high = model_lib.age_interval(outputs)
+    named = {AGE_NAME: outputs[contract.AGE_OUTPUT], AGE_LOW_NAME: low, AGE_HIGH_NAME: high,
+             GENDER_NAME: outputs[contract.GENDER_OUTPUT]}
+    return {name: tf.reshape(tf.cast(value, tf.float32), [-1]) for name, value in named.items()}
 
   archive = keras.export.ExportArchive()
   archive.track(model)
@@ -96,7 +104,9 @@ def _interpreter_class():
 
 class LiteModel:
   """A .tflite model behind the two calls predict and evaluate make of a Keras model:
-  `input_shape` and `predict_on_batch(uint8 images)` -> {age_output, gender_output}."""
+  `input_shape` and `predict_on_batch(uint8 images)` -> {age_output, age_low, age_high,
+  gender_output}. A model written before intervals (no age_low, age_high) gives the age for
+  both."""
 
   def __init__(self, path: str, num_threads: int | None = None):
     if not os.path.isfile(path):
@@ -105,9 +115,10 @@ class LiteModel:
     self.path = path
     self.interpreter = _interpreter_class()(model_path=path, num_threads=num_threads)
     signatures = self.interpreter.get_signature_list()
-    expected = {'inputs': [INPUT_NAME], 'outputs': sorted([AGE_NAME, GENDER_NAME])}
     found = signatures.get(SIGNATURE, {})
-    if {key: sorted(found.get(key, [])) for key in expected} != expected:
+    self.outputs = set(found.get('outputs', []))
+    if (found.get('inputs') != [INPUT_NAME] or not {AGE_NAME, GENDER_NAME} <= self.outputs
+        or not self.outputs <= {AGE_NAME, AGE_LOW_NAME, AGE_HIGH_NAME, GENDER_NAME}):
       raise ValueError(f'{path} is not an agegender TFLite model: its signatures are {signatures}')
     self.runner = self.interpreter.get_signature_runner(SIGNATURE)
     shape = self.runner.get_input_details()[INPUT_NAME]['shape_signature']
@@ -115,5 +126,8 @@ class LiteModel:
 
   def predict_on_batch(self, images) -> dict[str, np.ndarray]:
     outputs = self.runner(**{INPUT_NAME: np.asarray(images, np.uint8)})
-    return {contract.AGE_OUTPUT: outputs[AGE_NAME].reshape(-1, 1),
+    age = outputs[AGE_NAME].reshape(-1, 1)
+    return {contract.AGE_OUTPUT: age,
+            AGE_LOW_NAME: outputs.get(AGE_LOW_NAME, age).reshape(-1, 1),
+            AGE_HIGH_NAME: outputs.get(AGE_HIGH_NAME, age).reshape(-1, 1),
             contract.GENDER_OUTPUT: outputs[GENDER_NAME].reshape(-1, 1)}

@@ -6,8 +6,11 @@
 
 Takes files and folders (searched recursively for .jpg, .jpeg, .png, .bmp and
 .gif) and prints one line per image: file, predicted age, gender, and the
-model's probability of that gender, tab-separated; with --json, one JSON
-object per line. A file that is not a readable image gets an error line
+model's probability of that gender, tab-separated; the age is followed by
+the model's 80% interval in whole years, `34.2 (27-41)`, when it has one
+(the distribution head; a regression head prints the age alone). With
+--json, one JSON object per line, with "age_low" and "age_high" (equal to
+"age" for a regression head). A file that is not a readable image gets an error line
 (stderr, or a JSON line with "error") and the others go on; the exit status is
 non-zero only when no image could be predicted.
 
@@ -42,6 +45,7 @@ from agegender.data import preprocess
 from agegender.records import labels as labels_lib
 from agegender.serving import export
 from agegender.serving import lite
+from agegender.training import model as model_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 NO_FACE = 'no face found'
@@ -95,33 +99,38 @@ def load_pixels(path: str) -> tuple[np.ndarray | None, str | None]:
     return None, export.UNREADABLE
 
 
-def prediction(path: str, age: float, female_probability: float) -> dict[str, Any]:
+def prediction(path: str, age: float, female_probability: float, age_low: float | None = None,
+               age_high: float | None = None) -> dict[str, Any]:
+  """One image's result; age_low, age_high: its interval (None: the age, no interval)."""
   gender = int(female_probability >= 0.5)
-  return {'file': path, 'age': round(float(age), 1), 'gender': labels_lib.GENDERS[gender],
+  low, high = (age if value is None else value for value in (age_low, age_high))
+  return {'file': path, 'age': round(float(age), 1), 'age_low': round(float(low), 1),
+          'age_high': round(float(high), 1), 'gender': labels_lib.GENDERS[gender],
           'probability': round(float(female_probability if gender else 1 - female_probability), 4),
           'female_probability': round(float(female_probability), 4)}
 
 
-def _predict_images(model, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """Ages and female probabilities of uint8 images, each resized as every training image."""
+def _predict_images(model, images: list[np.ndarray]) -> list[tuple[float, float, float, float]]:
+  """(age, female probability, age_low, age_high) of each uint8 image, each resized as every
+  training image."""
   size = export.image_size_of(model)
   batch = np.stack([preprocess.resize_pixels(image, size).numpy() for image in images])
   outputs = model.predict_on_batch(batch)
-  return (np.reshape(outputs[contract.AGE_OUTPUT], -1),
-          np.reshape(outputs[contract.GENDER_OUTPUT], -1))
+  columns = (outputs[contract.AGE_OUTPUT], outputs[contract.GENDER_OUTPUT],
+             *model_lib.age_interval(outputs))
+  return list(zip(*(np.reshape(column, -1).tolist() for column in columns), strict=True))
 
 
 def _predict_chunk(model, chunk: list[tuple[str, str | None]]):
   loaded = [(path, *(load_pixels(path) if reason is None else (None, reason)))
             for path, reason in chunk]
   images = [image for _, image, _ in loaded if image is not None]
-  ages, females = _predict_images(model, images) if images else ([], [])
-  ages, females = iter(ages), iter(females)
+  predicted = iter(_predict_images(model, images) if images else [])
   for path, image, reason in loaded:
     if image is None:
       yield {'file': path, 'error': reason}
     else:
-      yield prediction(path, next(ages), next(females))
+      yield prediction(path, *next(predicted))
 
 
 def predict_paths(model, paths: Iterable[str], batch_size: int = 64) -> Iterator[dict[str, Any]]:
@@ -136,9 +145,16 @@ def predict_paths(model, paths: Iterable[str], batch_size: int = 64) -> Iterator
     yield from _predict_chunk(model, chunk)
 
 
+def format_age(result: dict[str, Any]) -> str:
+  """'34.2 (27-41)': the age and its interval in whole years; the age alone without one."""
+  low, high = result.get('age_low', result['age']), result.get('age_high', result['age'])
+  interval = f' ({low:.0f}-{high:.0f})' if high > low else ''
+  return f'{result["age"]:.1f}{interval}'
+
+
 def format_line(result: dict[str, Any]) -> str:
   box = '\t' + ','.join(f'{value:.0f}' for value in result['box']) if 'box' in result else ''
-  return (f'{result["file"]}{box}\t{result["age"]:.1f}\t{result["gender"]}\t'
+  return (f'{result["file"]}{box}\t{format_age(result)}\t{result["gender"]}\t'
           f'{result["probability"]:.3f}')
 
 
@@ -162,10 +178,10 @@ def predict_faces(model, pixels: np.ndarray, path: str = '',
   found = faces.face_crops(pixels, score_threshold=score_threshold)
   if not found:
     return []
-  ages, females = _predict_images(model, [crop for _, crop in found])
-  return [{**prediction(path, age, female), **face.to_json(),
+  predicted = _predict_images(model, [crop for _, crop in found])
+  return [{**prediction(path, *values), **face.to_json(),
            'crop': [round(value, 1) for value in faces.crop_box(face)]}
-          for (face, _), age, female in zip(found, ages, females, strict=True)]
+          for (face, _), values in zip(found, predicted, strict=True)]
 
 
 def predict_photos(model, paths: Iterable[str], annotate_dir: str | None = None,

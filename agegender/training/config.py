@@ -33,6 +33,8 @@ AGE_LOSSES = ('huber', 'mae', 'mse')
 AGE_HEADS = ('distribution', 'regression')
 SCHEDULES = ('cosine', 'constant')
 WEIGHTS = ('none', 'imagenet')
+# preprocess.POLICIES' names but 'none' (--noaugment); named here, as config never imports TF.
+AUGMENT_POLICIES = ('flip_shift', 'geometric', 'colour', 'photo')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +46,13 @@ class DataConfig:
   batch_size: int = options.option(128, 'Global batch size (split over the replicas).', above=0)
   shuffle_buffer: int = options.option(2_000, 'Training shuffle buffer, in records (the pipeline\'s '
                                'main memory: about this many stored images).', above=0)
-  augment: bool = options.option(True, 'Random flips and small shifts of training images (in the '
-                         'training step, on the device).')
+  augment: bool = options.option(True, 'Vary each training image (in the training step, on the '
+                         'device) as --augment_policy says.')
+  augment_policy: str = options.option(
+      'flip_shift', 'What --augment varies: flip_shift, a flip and a shift of up to 1/16 of the '
+      'side; photo, also scale +-10%, rotation +-12 degrees, brightness, contrast, saturation '
+      '(15% of images grey) and a mild blur (20%); geometric and colour, photo\'s two halves.',
+      AUGMENT_POLICIES)
   deterministic: bool = options.option(False, 'The same input order on every run (from --seed); '
                                'slower.')
   seed: int = options.option(0, 'Seed of the weights, the shuffle and the augmentation.')
@@ -66,6 +73,10 @@ class ModelConfig:
       'regression', 'distribution: a softmax over whole years 0-120, whose expectation is the '
       'age and whose 10th and 90th percentiles are age_low and age_high (an 80% interval); '
       'regression: one linear unit, the age alone (age_low = age_high = age).', AGE_HEADS)
+  interval_coverage: float = options.option(
+      0.8, 'The distribution head\'s interval: after training, age_low and age_high become the '
+      'percentiles q and 1-q that hold this share of the validation split\'s ages (0: keep '
+      'the 10th and 90th).', lower=0, upper=0.999)
   weights: str = options.option('none', 'Initial weights of a keras.applications backbone '
                         '(imagenet: downloaded).', WEIGHTS)
   filters: tuple[int, ...] = options.option((), 'Conv filters per block of seed_cnn and tiny '

@@ -105,7 +105,7 @@ def build_task(config: config_lib.Config, statistics: dict[str, Any], steps_per_
   return trainer.Task(model=model, optimizer=optimizer, optim=config.optim,
                       age_unit=float(age_unit), global_batch_size=global_batch_size,
                       metrics=trainer.make_metrics(config.model.age_head == 'distribution'),
-                      augment=config.data.augment,
+                      augment=config.data.augment, augment_policy=config.data.augment_policy,
                       seed=config.data.seed)
 
 
@@ -189,6 +189,14 @@ def train_and_evaluate(config: config_lib.Config, callbacks: Sequence = ()) -> d
   if not os.path.exists(best_path):
     task.model.save(best_path)  # No epoch had a finite validation MAE.
   best = export.load_keras_model(best_path)
+  if config.model.age_head == 'distribution' and config.model.interval_coverage:
+    quantiles = evaluate.calibrate_interval(best, config.data.records_dir,
+                                            config.model.interval_coverage, manifest=manifest)
+    logging.info('age interval: percentiles %.4f and %.4f hold %g of the validation ages',
+                 *quantiles, config.model.interval_coverage)
+    with files.atomic_path(best_path) as partial:
+      best.save(partial)
+    best = export.load_keras_model(best_path)  # Traced anew, with the calibrated pair.
   metrics = evaluate.evaluate_model(best, config.data.records_dir, split='test',
                                     output_dir=model_dir, manifest=manifest)
   export_dir = None

@@ -13,9 +13,11 @@ female (UTKFace's gender 1) and the age in years. The age head is one of
   distribution  a softmax over the whole years 0..MAX_AGE (`age_distribution`,
                 [B, AGES]), started at a Gaussian of the training split's mean
                 and spread; `age_output` is its expectation, and `age_low`
-                and `age_high` ([B, 1]) its 10th and 90th percentiles (an 80%
-                interval), the years read as bins [k - 0.5, k + 0.5] so that
-                the percentiles fall between whole years.
+                and `age_high` ([B, 1]) two of its percentiles, the years read as
+                bins [k - 0.5, k + 0.5] so that they fall between whole years:
+                the 10th and 90th as built, then the pair that holds
+                ModelConfig.interval_coverage (80%) of the validation split's
+                ages, chosen after training (loop.train_and_evaluate).
 
 The heads always compute in float32, so mixed precision never rounds the outputs.
 """
@@ -151,6 +153,43 @@ def _heads(features, dense_units: int, dropout: float, mean_age: float, age_std:
   age = keras.layers.Rescaling(age_std, offset=mean_age, dtype='float32',
                                name=contract.AGE_OUTPUT)(age_units)
   return {contract.GENDER_OUTPUT: gender, contract.AGE_OUTPUT: age}
+
+
+def coverage_quantile(probabilities, ages, coverage: float) -> float:
+  """The q whose interval [quantile q, quantile 1 - q] of each distribution [N, AGES] holds
+  `coverage` of the true ages [N] (the largest such q, to 1e-4): a percentile pair calibrated
+  on held-out faces."""
+  probabilities = np.asarray(probabilities, np.float32)
+  ages = np.asarray(ages, np.float64).reshape(-1, 1)
+
+  def covered(q: float) -> float:
+    low = np.asarray(age_quantile(probabilities, q))
+    high = np.asarray(age_quantile(probabilities, 1.0 - q))
+    return float(np.mean((low <= ages) & (ages <= high)))
+
+  inside, outside = 1e-4, 0.5  # Coverage falls as q grows: bisect between these.
+  if covered(inside) < coverage:
+    return inside
+  while outside - inside > 1e-4:
+    middle = (inside + outside) / 2
+    inside, outside = (middle, outside) if covered(middle) >= coverage else (inside, middle)
+  return inside
+
+
+def interval_quantiles(model: keras.Model) -> tuple[float, float] | None:
+  """The percentile pair of a distribution head's age_low and age_high; None for a regression
+  head."""
+  names = [layer.name for layer in model.layers]
+  if AGE_LOW not in names:
+    return None
+  return model.get_layer(AGE_LOW).quantile, model.get_layer(AGE_HIGH).quantile
+
+
+def set_interval_quantiles(model: keras.Model, low: float, high: float) -> None:
+  """Makes age_low and age_high these percentiles (for a model built or loaded after this; a
+  model already traced keeps the old ones: save it and load it again)."""
+  model.get_layer(AGE_LOW).quantile = float(low)
+  model.get_layer(AGE_HIGH).quantile = float(high)
 
 
 def age_interval(outputs) -> tuple:

@@ -130,9 +130,12 @@ def history_csv(rows: list[dict[str, float]]) -> str:
 
 
 def plot_learning_curves(rows: list[dict[str, float]], path: str) -> str:
-  """Loss, gender accuracy and age MAE per epoch, train against validation, as a PNG."""
+  """Loss, gender accuracy, age MAE and (the distribution head's) the age interval's coverage
+  per epoch, train against validation, as a PNG."""
   panels = (('loss', 'loss'), ('gender_output_accuracy', 'gender accuracy'),
             ('age_output_mae', 'age MAE (years)'))
+  if any(trainer.COVERAGE in row for row in rows):
+    panels += ((trainer.COVERAGE, 'age interval coverage'),)
   epochs = [int(row['epoch']) + 1 for row in rows]
   figure = figure_lib.Figure(figsize=(4 * len(panels), 3.5))  # No pyplot: no global state.
   axes = figure.subplots(1, len(panels))

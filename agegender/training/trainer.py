@@ -55,7 +55,8 @@ class Task:
   age_unit: float  # Years per unit of the age error the loss sees.
   global_batch_size: int
   metrics: dict[str, keras.metrics.Metric]
-  augment: bool = False  # Flip and shift each training batch (training_images).
+  augment: bool = False  # Vary each training batch (training_images) by augment_policy.
+  augment_policy: str = 'flip_shift'  # A preprocess.POLICIES name.
   seed: int = 0  # Of the augmentation.
 
 
@@ -156,7 +157,7 @@ def _total(task: Task, gender_loss, age_loss):
 
 
 def training_images(task: Task, images: tf.Tensor) -> tf.Tensor:
-  """The batch the step trains on: flipped and shifted when task.augment, on the
+  """The batch the step trains on: varied by task.augment_policy when task.augment, on the
   batch's device, from a seed of (task.seed, step). Each replica takes its
   share of the global batch's draws, so one device and several see the same
   images."""
@@ -167,7 +168,7 @@ def training_images(task: Task, images: tf.Tensor) -> tf.Tensor:
   seed = tf.random.experimental.stateless_fold_in(
       tf.constant([task.seed, 0], tf.int64), tf.cast(task.optimizer.iterations, tf.int64))
   return preprocess.augment_batch(images, seed, first=context.replica_id_in_sync_group * share,
-                                  total=task.global_batch_size)
+                                  total=task.global_batch_size, policy=task.augment_policy)
 
 
 def train_step(task: Task, data) -> tf.Tensor:

@@ -7,7 +7,8 @@
 records.build picks this runner; it runs the same functions as the local
 runner, never copies of them:
 
-  (name, bytes) [-> labels from the table, a step with the table as its argument]
+  (name, bytes) [-> labels from the table: a step with the table as its argument,
+                    so a table rides in the pipeline's graph]
                 -> convert.convert_image -> rejected | converted
   converted -> group copies by content hash -> shards.by_content
             -> shards.SplitTotals per split -> shard counts, a side input
@@ -17,8 +18,9 @@ runner, never copies of them:
 and writes one small report (totals, rejects, downscaled images, shard
 lengths, files read, the names a table row labelled) into the staging folder.
 The launcher reads it and writes any empty shards; records.build then
-publishes the output as it does for the local runner. Split, shard and order follow from the content hash, so the
-output is byte for byte the local runner's, whatever order workers finish in.
+publishes the output as it does for the local runner. Split, shard and order
+follow from the content hash, so the output is byte for byte the local
+runner's, whatever order workers finish in.
 
 Reading the source: a folder (local, or gs:// through tf.io.gfile) is listed
 on one worker and its files are read in parallel by all of them. Archives and
