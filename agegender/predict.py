@@ -1,7 +1,8 @@
 """Age and gender for image files: `python -m agegender.predict`.
 
-  python -m agegender.predict --model_dir=runs/compact_cnn face.jpg photos/ [--json]
-  python -m agegender.predict --model_dir=runs/compact_cnn --find_faces photo.jpg [--annotate=DIR]
+  python -m agegender.predict photo.jpg photos/ [--json] [--annotate=DIR]   # the packaged model
+  python -m agegender.predict --model_dir=runs/compact_cnn photo.jpg
+  python -m agegender.predict --model_dir=runs/compact_cnn --nofind_faces face_crop.jpg
   python -m agegender.predict --model_dir=runs/compact_cnn --tflite [--tflite_model=PATH] face.jpg
 
 See agegender.serving.predict for what it prints.
@@ -21,8 +22,6 @@ from agegender.serving import predict
 
 
 def _check(settings: predict.PredictConfig, paths: list[str]) -> None:
-  if not settings.model_dir and not settings.tflite_model:
-    raise cli.UsageError('--model_dir is required (or --tflite_model)')
   if not paths:
     raise cli.UsageError('give at least one image file or folder')
   if settings.annotate and not settings.find_faces:

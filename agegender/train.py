@@ -8,10 +8,15 @@ Every flag is a field of agegender.training.config (its name, default and help);
 flag given on the command line overrides the --recipe's value. Everything a
 run writes lands in --model_dir (default runs/<model>):
 
-  model.keras         the best model by validation age MAE (Keras format)
+  model.keras         the best model by validation age MAE (Keras format); with the
+                      distribution head, its age interval calibrated on the
+                      validation split (--interval_coverage)
   export/             the serving SavedModel (encoded image bytes in)
   history.csv         one row per epoch: losses and metrics, train and validation
-  learning_curves.png loss, gender accuracy and age MAE, train against validation
+                      (the distribution head's: also the coverage and width of
+                      its 10th-90th percentile interval, before calibration)
+  learning_curves.png loss, gender accuracy, age MAE (and coverage), train against
+                      validation
   metrics.json/.txt   the test-split evaluation (see agegender.evaluate)
   predicted_age.png   predicted against true age on the test split
   logs/               TensorBoard logs

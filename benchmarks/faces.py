@@ -63,6 +63,8 @@ FLAGS = flags.FLAGS
 WIDTH, HEIGHT = 640, 480
 MATCH_IOU = 0.5
 CHILD = 13  # Children: ages below this.
+# Reflected surroundings pasted around each crop, each way, as a share of its side.
+MARGIN = 0.2
 # Each face's condition and its share of the faces.
 CONDITIONS = {'colour': 0.4, 'grey': 0.15, 'faded': 0.15, 'blurred': 0.15, 'jpeg': 0.15}
 
@@ -124,30 +126,41 @@ def degrade(crop: np.ndarray, condition: str, rng: np.random.Generator) -> np.nd
   return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
-def paste(scene: np.ndarray, crop: np.ndarray, angle: float, centre) -> np.ndarray:
-  """Pastes the square crop turned `angle` degrees about `centre`; returns its corners [4, 2]."""
-  side = crop.shape[0]
-  matrix = cv2.getRotationMatrix2D((side / 2, side / 2), angle, 1.0)
-  matrix[:, 2] += np.array(centre) - side / 2
-  warped = cv2.warpAffine(crop, matrix, (WIDTH, HEIGHT), flags=cv2.INTER_LINEAR)
-  mask = cv2.warpAffine(np.ones((side, side), np.float32), matrix, (WIDTH, HEIGHT),
-                        flags=cv2.INTER_LINEAR)[..., None]
+def surround(crop: np.ndarray) -> np.ndarray:
+  """The crop with MARGIN of its side reflected around it: a face in a photo has surroundings
+  (pasted bare, the scene's background shows at the aligned recrop's edges)."""
+  margin = round(MARGIN * crop.shape[0])
+  return cv2.copyMakeBorder(crop, margin, margin, margin, margin, cv2.BORDER_REFLECT_101)
+
+
+def paste(scene: np.ndarray, region: np.ndarray, side: int, angle: float, centre) -> np.ndarray:
+  """Pastes the surrounded crop turned `angle` degrees about `centre`, its margin fading into
+  the scene; returns the corners [4, 2] of the crop itself (side x side) in the scene."""
+  full, margin = region.shape[0], (region.shape[0] - side) / 2
+  matrix = cv2.getRotationMatrix2D((full / 2, full / 2), angle, 1.0)
+  matrix[:, 2] += np.array(centre) - full / 2
+  warped = cv2.warpAffine(region, matrix, (WIDTH, HEIGHT), flags=cv2.INTER_LINEAR)
+  edge = np.minimum(np.arange(full), full - 1 - np.arange(full)) / max(1.0, margin)
+  fade = np.clip(np.minimum(edge[:, None], edge[None, :]), 0, 1).astype(np.float32)
+  mask = cv2.warpAffine(fade, matrix, (WIDTH, HEIGHT), flags=cv2.INTER_LINEAR)[..., None]
   scene[:] = (scene * (1 - mask) + warped * mask).round().astype(np.uint8)
   corners = np.array([[0, 0, 1], [side, 0, 1], [side, side, 1], [0, side, 1]], np.float64)
-  return corners @ matrix.T
+  return (corners + [margin, margin, 0]) @ matrix.T
 
 
 def place(rng: np.random.Generator, pasted: list[tuple[int, float]]):
-  """Centres where the turned squares do not overlap, or None when they did not fit."""
+  """Centres where the turned squares lie inside the scene and their surroundings do not
+  overlap, or None when they did not fit."""
   placed = []
   for side, angle in pasted:
     reach = side * (abs(np.cos(np.radians(angle))) + abs(np.sin(np.radians(angle)))) / 2 + 2
     if 2 * reach > min(WIDTH, HEIGHT):
       return None
+    around = reach * (1 + 2 * MARGIN)
     for _ in range(100):
       centre = rng.uniform(reach, WIDTH - reach), rng.uniform(reach, HEIGHT - reach)
-      if all(max(abs(centre[0] - x), abs(centre[1] - y)) > reach + r for x, y, r in placed):
-        placed.append((*centre, reach))
+      if all(max(abs(centre[0] - x), abs(centre[1] - y)) > around + r for x, y, r in placed):
+        placed.append((*centre, around))
         break
     else:
       return None
@@ -179,12 +192,15 @@ def make_scenes(records, rng: np.random.Generator) -> dict:
     if centres is None:
       continue
     scene, truths = background(rng), []
-    for (side, angle), centre in zip(shapes, centres):
+    for (side, angle), centre in zip(shapes, centres, strict=True):
       crop = decode(records[index][0])
       crop = cv2.resize(crop, (side, side),
                         interpolation=cv2.INTER_AREA if side < crop.shape[0] else cv2.INTER_LINEAR)
-      degraded[index] = degrade(crop, conditions[chosen[index]], rng)
-      truths.append((index, paste(scene, degraded[index], angle, centre)))
+      # The condition is the photo's: the surroundings have it too.
+      region = degrade(surround(crop), conditions[chosen[index]], rng)
+      margin = (region.shape[0] - side) // 2
+      degraded[index] = region[margin:margin + side, margin:margin + side]
+      truths.append((index, paste(scene, region, side, angle, centre)))
       sides[index] = side
       index += 1
     buffer = io.BytesIO()
@@ -268,7 +284,7 @@ def main(argv):
   by_side = {f'{low}-{high - 1}': float(np.mean([i in made['recrops'] for i in
                                                  np.flatnonzero((made['sides'] >= low) &
                                                                 (made['sides'] < high))]))
-             for low, high in zip(edges[:-1], edges[1:])}
+             for low, high in zip(edges[:-1], edges[1:], strict=True)}
   figures = {
       'faces': len(records), 'scenes': made['scenes'], 'found': found,
       'found_share': found / len(records), 'false_faces_per_scene': made['false'] / made['scenes'],

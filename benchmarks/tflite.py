@@ -5,12 +5,14 @@
 
 Runs model.keras, model.tflite and model_fp16.tflite over the same test
 batches (agegender.evaluate.predict_split: the pipeline's make_dataset,
-training=False) and reports each one's age MAE and gender accuracy, its
-difference from Keras's, the file's size, and the median latency of one image
-(uint8, already decoded: the model alone) over --runs calls, with 1 thread
-and with the default threads (and, with 1 thread, the process's CPU time per
-call: the wall time on a shared machine includes waiting for a core). Targets: each TFLite model within 0.05 years
-of age MAE and 0.2 percentage points of gender accuracy of the Keras model.
+training=False) and reports each one's age MAE, gender accuracy and (a
+distribution head's) age interval coverage, its difference from Keras's,
+the file's size, and the median latency of one image (uint8, already
+decoded: the model alone) over --runs calls, with 1 thread and with the
+default threads (and, with 1 thread, the process's CPU time per call: the
+wall time on a shared machine includes waiting for a core). Targets: each
+TFLite model within 0.05 years of age MAE and 0.2 percentage points of gender
+accuracy of the Keras model.
 """
 
 from __future__ import annotations
@@ -60,10 +62,14 @@ def latency_ms(model, image: np.ndarray, runs: int) -> tuple[float, float]:
 
 
 def accuracy(predictions) -> dict[str, float]:
-  age_mae = np.mean(np.abs(predictions['predicted_age'] - predictions['true_age']))
+  """Age MAE, gender accuracy (of the faces with a gender) and the interval's coverage."""
+  true_age = predictions['true_age']
+  age_mae = np.mean(np.abs(predictions['predicted_age'] - true_age))
+  known = predictions['true_gender'] >= 0
   correct = (predictions['gender_probability'] >= 0.5) == (predictions['true_gender'] == 1)
-  return {'age_mae': float(age_mae), 'gender_accuracy': float(np.mean(correct)),
-          'count': int(len(correct))}
+  inside = (predictions['age_low'] <= true_age) & (true_age <= predictions['age_high'])
+  return {'age_mae': float(age_mae), 'gender_accuracy': float(np.mean(correct[known])),
+          'coverage': float(np.mean(inside)), 'count': int(len(correct))}
 
 
 def main(argv):
@@ -97,12 +103,13 @@ def main(argv):
              'note': 'measured on UTKFace: non-commercial research use only'}
   print(f'{FLAGS.split} split of {FLAGS.records_dir} ({reference["count"]} images), model '
         f'{figures["model_dir"]} ({size}x{size}), {figures["machine"]}')
-  print(f'{"model":16}{"age MAE":>9}{"diff":>8}{"gender acc":>12}{"diff pp":>9}{"MB":>7}'
-        f'{"ms 1 thr":>10}{"CPU ms 1 thr":>14}{"ms default":>12}')
+  print(f'{"model":16}{"age MAE":>9}{"diff":>8}{"gender acc":>12}{"diff pp":>9}{"coverage":>10}'
+        f'{"MB":>7}{"ms 1 thr":>10}{"CPU ms 1 thr":>14}{"ms default":>12}')
   for name, row in rows.items():
     one, cpu = row['latency_ms_1_thread'], row['cpu_ms_1_thread']
     print(f'{name:16}{row["age_mae"]:9.3f}{row["age_mae_difference"]:+8.3f}'
           f'{100 * row["gender_accuracy"]:11.2f}%{row["gender_points_difference"]:+9.2f}'
+          f'{row["coverage"]:10.3f}'
           f'{row["size_mb"]:7.2f}{"-" if one is None else f"{one:.2f}":>10}'
           f'{"-" if cpu is None else f"{cpu:.2f}":>14}'
           f'{row["latency_ms_default_threads"]:12.2f}')

@@ -41,6 +41,5 @@ def run_config():
 @pytest.fixture(scope='session')
 def trained_run(synthetic_records, tmp_path_factory):
   """train_and_evaluate's result for the default model on the synthetic records (trained once)."""
-  from agegender import train  # pylint: disable=g-import-not-at-top
   model_dir = tmp_path_factory.mktemp('runs') / 'default'
   return loop.train_and_evaluate(_run_config(synthetic_records, model_dir))

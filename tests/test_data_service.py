@@ -266,7 +266,6 @@ def test_a_dispatcher_killed_and_restarted_mid_pass_resumes_and_each_element_arr
 
 def test_the_default_model_learns_through_the_service_as_locally(
     synthetic_records, run_config, trained_run, service, tmp_path):
-  from agegender import train  # pylint: disable=g-import-not-at-top
   config = run_config(synthetic_records, tmp_path / 'served', data_service=service,
                        tensorboard=False, export=False)
   result = loop.train_and_evaluate(config)

@@ -111,11 +111,14 @@ def test_both_workers_finish_and_only_the_chief_writes_the_outputs(cluster_run):
   with open(os.path.join(model_dir, 'history.csv'), newline='') as f:
     rows = list(csv.DictReader(f))
   assert [int(row['epoch']) for row in rows] == [0, 1]
-  for row in rows:  # The logged loss is the sum of its parts under two workers too.
+  with open(os.path.join(model_dir, 'config.json')) as f:
+    saved = json.load(f)
+  age_weight = config_lib.AGE_LOSS_WEIGHTS[saved['model']['age_head']]  # age_loss_weight unset.
+  for row in rows:  # The logged loss is the weighted sum of its parts under two workers too.
     for prefix in ('', 'val_'):
       assert float(row[prefix + 'loss']) == pytest.approx(
-          float(row[prefix + 'age_output_loss']) + float(row[prefix + 'gender_output_loss']),
-          rel=1e-4), (prefix, row)
+          age_weight * float(row[prefix + 'age_output_loss'])
+          + float(row[prefix + 'gender_output_loss']), rel=1e-4), (prefix, row)
   assert 'the chief writes the outputs' in completed[1][1]
   # The chief's --worker_dir is not used; the other worker's holds only its training state.
   assert not os.path.exists(worker_dirs[0])

@@ -257,8 +257,11 @@ def flips_and_shifts(image):
 
 def augmenting_task(augment=True, seed=0):
   optimizer = keras.optimizers.Adam()
+  # flip_shift, named: the flips and shifts below are exactly what it makes (the other policies
+  # are tests/test_augment.py's).
   return trainer.Task(model=None, optimizer=optimizer, optim=None, age_unit=1.0,
-                      global_batch_size=NUM_TRAIN, metrics={}, augment=augment, seed=seed)
+                      global_batch_size=NUM_TRAIN, metrics={}, augment=augment,
+                      augment_policy='flip_shift', seed=seed)
 
 
 def test_the_training_step_trains_on_a_flip_and_a_small_shift_of_each_image(records):
@@ -427,7 +430,7 @@ def damaged_records(request, tmp_path):
 def test_corrupt_record_fails_naming_the_shard(damaged_records):
   root, shard, _ = damaged_records
   dataset = pipeline.make_dataset(data_config(root, batch_size=4), 'train', training=True)
-  with pytest.raises(tf.errors.OpError, match=f'{os.path.basename(shard)}: read 3 of the 8') as e:
+  with pytest.raises(tf.errors.OpError, match=f'{os.path.basename(shard)}: read 3 of the 8'):
     for _ in dataset:
       pass
   # The one sentence the train entry point shows (adding its --skip_corrupt hint), found by

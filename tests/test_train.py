@@ -125,11 +125,31 @@ def test_a_finished_run_started_again_trains_no_more(trained_run):
   assert _epochs_in_history(trained_run['model_dir']) == list(range(4))
 
 
-def test_resuming_with_another_model_is_a_configuration_error(trained_run):
+@pytest.mark.parametrize('change', [{'filters': (8, 8, 8)}, {'age_head': 'other'}])
+def test_resuming_with_another_model_is_a_configuration_error(trained_run, change):
   from agegender import contract  # pylint: disable=g-import-not-at-top
-  other = _saved_config(trained_run['model_dir'], filters=(8, 8, 8), export=False)
-  with pytest.raises(contract.ArgumentError, match='filters differ'):
+  from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  if 'age_head' in change:  # The head the shared run did not train.
+    saved = _saved_config(trained_run['model_dir']).model.age_head
+    change = {'age_head': next(h for h in config_lib.AGE_HEADS if h != saved)}
+  other = _saved_config(trained_run['model_dir'], export=False, **change)
+  with pytest.raises(contract.ArgumentError, match=f'{next(iter(change))} differ'):
     loop.train_and_evaluate(other)
+
+
+def test_the_interval_is_calibrated_on_validation_and_logged_per_epoch(trained_run):
+  from agegender.serving import evaluate, export  # pylint: disable=g-import-not-at-top
+  rows = trained_run['history']
+  assert all(0 < row['val_age_output_coverage'] <= 1 for row in rows)
+  assert all(row['val_age_output_width'] > 0 for row in rows)
+  model = export.load_keras_model(trained_run['model_dir'])
+  saved = json.load(open(os.path.join(trained_run['model_dir'], 'config.json')))
+  validation = evaluate.evaluate_model(model, saved['data']['records_dir'], split='validation')
+  # The largest symmetric percentile pair that holds 80% of the validation ages (about 120).
+  assert 0.8 <= validation['coverage'] < 0.85
+  low, high = validation['interval_quantiles']
+  assert low == pytest.approx(1 - high) and low != 0.1
+  assert trained_run['metrics']['interval_quantiles'] == [low, high]
 
 
 # ---- Flags. ----
@@ -166,8 +186,8 @@ def test_flags_become_one_config(train_flags):
 def test_the_reference_recipe_is_the_seed_notebooks_and_flags_override_it(train_flags):
   train_flags(['train', '--recipe=reference', '--epochs=1'])
   config = train.config_from_flags(train_flags)
-  assert (config.model.model, config.model.batch_norm, config.data.augment) == (
-      'seed_cnn', False, False)
+  assert (config.model.model, config.model.age_head, config.model.batch_norm,
+          config.data.augment) == ('seed_cnn', 'regression', False, False)
   assert (config.optim.age_loss, config.optim.age_unit, config.optim.learning_rate,
           config.optim.weight_decay, config.optim.schedule) == ('mse', 'years', 1e-4, 0.0,
                                                                'constant')
@@ -283,16 +303,20 @@ def test_each_bad_flag_gives_one_line_and_exit_2(tmp_path, synthetic_records):
 # ---- The logged losses, on one device and on two replicas. ----
 
 # 97 examples in batches of 32: a short last batch of one, which two replicas split 1 + 0.
+# Every third has no gender (-1): its gender loss is 0, its age loss counts.
 LOSS_EXAMPLES = 97
 LOSS_BATCH = 32
+KNOWN_SHARE = 64 / 97
 
 
 def _loss_arrays():
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (LOSS_EXAMPLES, 32, 32, 3), dtype=np.uint8)
-  targets = {'gender_output': rng.integers(0, 2, (LOSS_EXAMPLES, 1)).astype(np.float32),
-             'age_output': rng.uniform(1, 90, (LOSS_EXAMPLES, 1)).astype(np.float32)}
+  genders = rng.integers(0, 2, (LOSS_EXAMPLES, 1)).astype(np.float32)
+  genders[::3] = -1
+  targets = {'gender_output': genders,
+             'age_output': rng.integers(1, 90, (LOSS_EXAMPLES, 1)).astype(np.float32)}
   return images, targets
 
 
@@ -331,10 +355,15 @@ def loop_history(strategy, epochs=2):
 
 
 def _assert_loss_is_the_weighted_sum_of_its_parts(rows):
+  from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  # The gender loss is logged over the examples with a gender, the loss over all of them; the
+  # age loss weighs the distribution head's own weight (age_loss_weight unset).
+  age_weight = config_lib.AGE_LOSS_WEIGHTS['distribution']
   for row in rows:
     for prefix in ('', 'val_'):
       total = row[prefix + 'loss']
-      parts = 2.0 * row[prefix + 'gender_output_loss'] + row[prefix + 'age_output_loss']
+      parts = (2.0 * KNOWN_SHARE * row[prefix + 'gender_output_loss']
+               + age_weight * row[prefix + 'age_output_loss'])
       assert total == pytest.approx(parts, rel=1e-5), (prefix, row)
 
 
@@ -343,21 +372,29 @@ def test_the_logged_losses_are_the_means_over_examples_and_add_up():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   rows, task = loop_history(tf.distribute.get_strategy())
   _assert_loss_is_the_weighted_sum_of_its_parts(rows)
-  # The last validation pass, recomputed by hand over all 97 examples at once.
+  # The last validation pass, recomputed by hand over all 97 examples at once: the gender
+  # figures over the 64 with a gender, the default (distribution) head's KL + L1 over all.
   images, targets = _loss_arrays()
   outputs = task.model(images, training=False)
-  probability = np.clip(outputs['gender_output'].numpy(), 1e-7, 1 - 1e-7)
-  gender = targets['gender_output']
+  known = targets['gender_output'][:, 0] >= 0
+  probability = np.clip(outputs['gender_output'].numpy()[known], 1e-7, 1 - 1e-7)
+  gender = targets['gender_output'][known]
   bce = -(gender * np.log(probability) + (1 - gender) * np.log(1 - probability))
-  error = np.abs(outputs['age_output'].numpy() - targets['age_output'])
-  units = error / 20.0
-  huber = np.where(units <= 1, 0.5 * units ** 2, units - 0.5)
+  age = targets['age_output']
+  target = np.exp(-np.square(np.arange(121) - age) / (2 * 4.0 ** 2))
+  target /= target.sum(axis=-1, keepdims=True)
+  predicted = outputs['age_distribution'].numpy()
+  kl = np.sum(np.where(target > 0, target * (np.log(np.maximum(target, 1e-300))
+                                             - np.log(predicted)), 0), axis=-1)
+  error = np.abs(outputs['age_output'].numpy() - age)
   last = rows[-1]
   assert last['val_gender_output_loss'] == pytest.approx(bce.mean(), rel=1e-4)
-  assert last['val_age_output_loss'] == pytest.approx(huber.mean(), rel=1e-4)
+  assert last['val_age_output_loss'] == pytest.approx(np.mean(kl + error[:, 0] / 20.0), rel=1e-4)
   assert last['val_age_output_mae'] == pytest.approx(error.mean(), rel=1e-4)
   accuracy = np.mean((probability >= 0.5) == (gender >= 0.5))
   assert last['val_gender_output_accuracy'] == pytest.approx(accuracy, rel=1e-6)
+  inside = (outputs['age_low'].numpy() <= age) & (age <= outputs['age_high'].numpy())
+  assert last['val_age_output_coverage'] == pytest.approx(inside.mean(), rel=1e-6)
 
 
 # Two replicas on two logical CPUs, in a process of its own (devices are set before TensorFlow

@@ -92,7 +92,7 @@ class Policy:
   blur: float = 0.0  # Share of the images blurred, each mixed with a random part of its blur.
 
   @property
-  def geometric(self) -> bool:  # Needs the bilinear sampler (else one integer gather).
+  def geometric(self) -> bool:  # Needs the affine sampler (else the integer shift's gather).
     return bool(self.scale or self.rotation)
 
   @property
@@ -122,10 +122,10 @@ _LUMA = (0.299, 0.587, 0.114)
 def augment_batch(images: tf.Tensor, seed: tf.Tensor, first: Any = 0, total: Any = None,
                   policy: str | Policy = 'flip_shift') -> tf.Tensor:
   """A training-time variation of each uint8 image of a batch [B, S, S, 3], by `policy` (a
-  POLICIES name or a Policy): flipped or not and shifted (the edges reflected), for
-  geometric policies also scaled and turned about the centre in the same single bilinear
-  gather, then for photometric ones blurred, desaturated, contrast- and brightness-jittered
-  (elementwise, plus one separable blur of the batch). Stateless: the same batch and seed
+  POLICIES name or a Policy): flipped or not and shifted, for geometric policies also scaled
+  and turned about the centre, in one gather of the whole batch (a per-image map costs
+  several times the decode); then, for photometric ones, blurred, desaturated and jittered in
+  contrast and brightness in a few elementwise passes. Stateless: the same batch and seed
   (int [2]) give the same result, on any device.
 
   first, total: the batch is images first..first+B-1 of a batch of `total` (one replica's
@@ -144,17 +144,13 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, first: Any = 0, total: Any
   flip = tf.random.stateless_uniform([total], flip_seed, maxval=2, dtype=tf.int32) > 0
   flip = tf.logical_and(flip[first:first + batch], policy.flip)
   if policy.geometric:
-    pixels = _affine(images, flip, draws[:, :4] * 2 - 1, policy)
+    images = _affine(images, flip, draws[:, :4] * 2 - 1, policy)
   else:
     pad = max(1, int(images.shape[1] * policy.shift)) if policy.shift else 0
     shifts = tf.random.stateless_uniform([total, 2], shift_seed, maxval=2 * pad + 1,
                                          dtype=tf.int32) - pad
-    pixels = _shift(images, flip, shifts[first:first + batch])
-    if not policy.photometric:
-      return pixels
-  if policy.photometric:
-    pixels = _photometric(tf.cast(pixels, tf.float32), draws[:, 4:], policy)
-  return tf.cast(tf.round(tf.clip_by_value(pixels, 0.0, 255.0)), tf.uint8)
+    images = _shift(images, flip, shifts[first:first + batch])
+  return _photometric(images, draws[:, 4:], policy) if policy.photometric else images
 
 
 def _shift(images: tf.Tensor, flip: tf.Tensor, shifts: tf.Tensor) -> tf.Tensor:
@@ -177,8 +173,9 @@ def _shift(images: tf.Tensor, flip: tf.Tensor, shifts: tf.Tensor) -> tf.Tensor:
 
 def _affine(images: tf.Tensor, flip: tf.Tensor, draws: tf.Tensor, policy: Policy) -> tf.Tensor:
   """Each image flipped or not, scaled, turned and shifted about its centre (draws in [-1, 1]:
-  scale, angle, shift x, shift y), bilinear, the edge pixels repeated past the edges (as
-  faces.align fills a crop); float32 out."""
+  scale, angle, shift x, shift y), sampled at the nearest pixel (as torchvision's RandomAffine
+  by default; bilinear costs four gathers and float work) in one gather; the edge pixels
+  repeat past the edges, as faces.align fills a crop."""
   size = images.shape[1]
   centre = (size - 1) / 2
   zoom = 1 + policy.scale * draws[:, 0]
@@ -188,47 +185,47 @@ def _affine(images: tf.Tensor, flip: tf.Tensor, draws: tf.Tensor, policy: Policy
   u = (tf.range(size, dtype=tf.float32) - centre)[None, None, :] * (
       tf.where(flip, -1.0, 1.0)[:, None, None])
   v = (tf.range(size, dtype=tf.float32) - centre)[None, :, None]
-  offset = centre + policy.shift * size * draws[:, 2:]
+  # + 0.5: floor below rounds to the nearest pixel.
+  offset = centre + 0.5 + policy.shift * size * draws[:, 2:]
   # Small [B, 1, S] and [B, S, 1] terms, added once into [B, S, S].
   x = (offset[:, :1, None] + cos * u) - sin * v
   y = (offset[:, 1:, None] + sin * u) + cos * v
-  # Clamped into the image, the top-left neighbour at most size - 2: the four neighbours are
-  # then always index, +1, +size, +size+1, and a clamped coordinate repeats the edge.
-  x = tf.clip_by_value(x, 0.0, size - 1.0)
-  y = tf.clip_by_value(y, 0.0, size - 1.0)
-  x0 = tf.minimum(tf.floor(x), size - 2.0)
-  y0 = tf.minimum(tf.floor(y), size - 2.0)
-  wx, wy = x - x0, y - y0
-  index = tf.cast(y0, tf.int32) * size + tf.cast(x0, tf.int32) + (
-      tf.range(tf.shape(images)[0])[:, None, None] * (size * size))
-  # The four neighbours of every output pixel in one gather (on a GPU, one kernel).
-  corners = tf.gather(tf.reshape(images, [-1, 3]),
-                      tf.stack([index, index + 1, index + size, index + size + 1]))
-  weights = tf.stack([(1 - wx) * (1 - wy), wx * (1 - wy), (1 - wx) * wy, wx * wy])
-  return tf.reduce_sum(tf.cast(corners, tf.float32) * weights[..., None], axis=0)
+  column = tf.cast(tf.clip_by_value(tf.floor(x), 0.0, size - 1.0), tf.int32)
+  row = tf.cast(tf.clip_by_value(tf.floor(y), 0.0, size - 1.0), tf.int32)
+  index = (row + tf.range(tf.shape(images)[0])[:, None, None] * size) * size + column
+  return tf.gather(tf.reshape(images, [-1, 3]), index)
 
 
-def _photometric(pixels: tf.Tensor, draws: tf.Tensor, policy: Policy) -> tf.Tensor:
+def _photometric(images: tf.Tensor, draws: tf.Tensor, policy: Policy) -> tf.Tensor:
   """Blur, saturation (some images fully grey), contrast and brightness, per image (draws in
-  [0, 1]: blur, grey-or-saturation, contrast, brightness), float32 in and out.
+  [0, 1]: blur, grey-or-saturation, contrast, brightness), uint8 in and out.
 
   Saturation s, contrast c and brightness b are affine in the colour: c s x + c (1 - s) grey +
-  (1 - c) mean + b, with grey the pixel's luma and mean the image's; applied in that one form
-  (a grey image's channels then come out equal, bit for bit).
+  (1 - c) mean + b, with grey the pixel's luma and mean the image's; applied in that one form,
+  with factors per image (a grey image's channels then come out equal, bit for bit), and few
+  passes over the batch: on a CPU each costs about as much as the whole flip and shift.
   """
-  per_image = lambda column: draws[:, column, None, None, None]
+  pixels = tf.cast(images, tf.float32)
+
+  def per_image(column):  # A draw as [B, 1, 1, 1], to scale each image.
+    return draws[:, column, None, None, None]
+
   if policy.blur:
     # One blur of the batch, mixed in by a random amount in the images drawn to be blurred.
     amount = tf.where(per_image(0) < policy.blur, per_image(0) / policy.blur, 0.0)
-    width = 2 * max(1, round(BLUR_RADIUS * pixels.shape[1] / 64)) + 1
-    pixels += amount * (tf.nn.avg_pool2d(pixels, width, 1, 'SAME') - pixels)
+    width = 2 * max(1, round(BLUR_RADIUS * images.shape[1] / 64)) + 1
+    pixels = pixels * (1 - amount) + tf.nn.avg_pool2d(pixels, width, 1, 'SAME') * amount
   low, high = policy.saturation
   # The grey share is drawn from the low end of the column; the rest spreads over the range.
   share = tf.clip_by_value((per_image(1) - policy.grey) / max(1e-6, 1 - policy.grey), 0.0, 1.0)
   saturation = tf.where(per_image(1) < policy.grey, 0.0, low + share * (high - low))
   contrast = 1 + policy.contrast * (2 * per_image(2) - 1)
   brightness = 255 * policy.brightness * (2 * per_image(3) - 1)
-  grey = tf.reduce_sum(pixels * tf.constant(_LUMA), axis=-1, keepdims=True)
-  mean = tf.reduce_mean(grey, axis=[1, 2], keepdims=True)
-  shade = grey * (contrast * (1 - saturation)) + ((1 - contrast) * mean + brightness)
-  return pixels * (contrast * saturation) + shade
+  # The luma in all three channels: one 1x1 convolution, no broadcast over the channels.
+  grey = tf.nn.conv2d(pixels, tf.tile(tf.constant(_LUMA)[None, None, :, None], [1, 1, 1, 3]),
+                      1, 'VALID')
+  mean = tf.reduce_mean(grey[..., :1], axis=[1, 2], keepdims=True)
+  # + 0.5, then truncation by the cast: rounded to the nearest level.
+  offset = (1 - contrast) * mean + brightness + 0.5
+  pixels = pixels * (contrast * saturation) + (grey * (contrast * (1 - saturation)) + offset)
+  return tf.cast(tf.clip_by_value(pixels, 0.0, 255.5), tf.uint8)

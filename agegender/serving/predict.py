@@ -47,6 +47,9 @@ from agegender.serving import export
 from agegender.serving import lite
 from agegender.training import model as model_lib
 
+# The packaged model: inside the package, so `pip install .` carries it.
+PACKAGED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            'models')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 NO_FACE = 'no face found'
 
@@ -54,12 +57,15 @@ NO_FACE = 'no face found'
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
   """What `python -m agegender.predict` runs, and how it reads and prints."""
-  model_dir: str = options.option('', 'The training run whose model.keras predicts.')
+  model_dir: str = options.option('', 'The training run whose model.keras predicts (empty: the '
+                                  'packaged model, trained on UTKFace: non-commercial research '
+                                  'use only).')
   json: bool = options.option(False, 'Print one JSON object per line instead of text.')
   batch_size: int = options.option(64, 'Images per prediction batch.', lower=1)
-  find_faces: bool = options.option(False, 'Each file is a photo: find the faces, align each '
+  find_faces: bool = options.option(True, 'Each file is a photo: find the faces, align each '
                                     'by the eyes as UTKFace\'s crops are, and print one line '
-                                    'per face with its box.')
+                                    'per face with its box (a face crop gives one face); '
+                                    '--nofind_faces: each file is one face crop, fed whole.')
   annotate: str = options.option('', 'With --find_faces: write a copy of each photo to this '
                                  'folder (as PNG) with the faces\' boxes and labels drawn.')
   score_threshold: float = options.option(faces.SCORE_THRESHOLD, 'With --find_faces: the '
@@ -158,8 +164,21 @@ def format_line(result: dict[str, Any]) -> str:
           f'{result["probability"]:.3f}')
 
 
-def load_model(model_dir: str, tflite: bool = False, tflite_model: str = ''):
-  """model.keras, or a TFLite model behind the same two calls (lite.LiteModel)."""
+def packaged_model_dir() -> str:
+  """The packaged model's folder; FileNotFoundError when this copy carries none."""
+  if not os.path.isfile(os.path.join(PACKAGED_DIR, contract.MODEL_FILE)):
+    raise FileNotFoundError(f'no packaged model at {PACKAGED_DIR}; give --model_dir, a trained '
+                            'run')
+  return PACKAGED_DIR
+
+
+def load_model(model_dir: str = '', tflite: bool = False, tflite_model: str = ''):
+  """model.keras, or a TFLite model behind the same two calls (lite.LiteModel); with neither
+  model_dir nor tflite_model, the packaged model's."""
+  if not model_dir and not tflite_model:
+    model_dir = packaged_model_dir()
+    if tflite:
+      tflite_model = os.path.join(model_dir, lite.TFLITE_FP16_FILE)  # The one it ships.
   if tflite or tflite_model:
     path = tflite_model or os.path.join(model_dir, lite.TFLITE_FILE)
     try:

@@ -21,20 +21,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from agegender import contract
 from agegender import faces
 from agegender.serving import predict
 
-PACKAGED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            'models')
-
-
-def packaged_model_dir() -> str:
-  """The packaged model's folder; FileNotFoundError when this copy carries none."""
-  if not os.path.isfile(os.path.join(PACKAGED_DIR, contract.MODEL_FILE)):
-    raise FileNotFoundError(f'no packaged model at {PACKAGED_DIR}; pass a trained run\'s '
-                            'model_dir')
-  return PACKAGED_DIR
+PACKAGED_DIR = predict.PACKAGED_DIR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +98,7 @@ class Predictor:
     """The model, loaded on first use (once, also across threads)."""
     with self._lock:
       if self._model is None:
-        model_dir = self.model_dir or packaged_model_dir()
-        tflite_model = os.path.join(model_dir, 'model_fp16.tflite') if self.tflite else ''
-        self._model = predict.load_model(model_dir, self.tflite, tflite_model)
+        self._model = predict.load_model(self.model_dir or '', self.tflite)
       return self._model
 
   def predict(self, image) -> list[FaceResult]:

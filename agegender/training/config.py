@@ -31,6 +31,8 @@ MODELS = ('compact_cnn', 'seed_cnn', 'tiny') + tuple(BACKBONES)
 STRATEGIES = ('auto', 'one_device', 'mirrored', 'multi_worker')
 AGE_LOSSES = ('huber', 'mae', 'mse')
 AGE_HEADS = ('distribution', 'regression')
+# The age loss's weight by head when age_loss_weight is unset (each chosen on validation).
+AGE_LOSS_WEIGHTS = {'distribution': 0.5, 'regression': 1.0}
 SCHEDULES = ('cosine', 'constant')
 WEIGHTS = ('none', 'imagenet')
 # preprocess.POLICIES' names but 'none' (--noaugment); named here, as config never imports TF.
@@ -70,9 +72,10 @@ class ModelConfig:
   """The network: its architecture and precision."""
   model: str = options.option('compact_cnn', 'The model to train.', MODELS)
   age_head: str = options.option(
-      'regression', 'distribution: a softmax over whole years 0-120, whose expectation is the '
-      'age and whose 10th and 90th percentiles are age_low and age_high (an 80% interval); '
-      'regression: one linear unit, the age alone (age_low = age_high = age).', AGE_HEADS)
+      'distribution', 'distribution: a softmax over the whole years 0-120, whose expectation is '
+      'the age and two of whose percentiles are age_low and age_high (an 80% interval: see '
+      '--interval_coverage); regression: one linear unit, the age alone (age_low = age_high = '
+      'age).', AGE_HEADS)
   interval_coverage: float = options.option(
       0.8, 'The distribution head\'s interval: after training, age_low and age_high become the '
       'percentiles q and 1-q that hold this share of the validation split\'s ages (0: keep '
@@ -100,7 +103,7 @@ class OptimConfig:
   warmup_steps: int = options.option(200, 'Steps of linear warm-up of the cosine schedule (at most a fifth of the run).', lower=0)
   age_loss: str = options.option('huber', 'Loss of the regression head on the age error in '
                                  '--age_unit units: huber (delta 1), mae or mse.', AGE_LOSSES)
-  age_sigma: float = options.option(3.0, 'The distribution head\'s target: a Gaussian of this '
+  age_sigma: float = options.option(4.0, 'The distribution head\'s target: a Gaussian of this '
                                     'many years around the true age (its loss: the KL '
                                     'divergence from it plus the error of the expected age in '
                                     '--age_unit units).', above=0)
@@ -108,7 +111,10 @@ class OptimConfig:
                          'split\'s age standard deviation, so the two heads\' losses are of '
                          'one scale) or years.', ('std', 'years'))
   gender_loss_weight: float = options.option(1.0, 'Weight of the gender loss in the total loss.', lower=0)
-  age_loss_weight: float = options.option(1.0, 'Weight of the age loss in the total loss.', lower=0)
+  age_loss_weight: float | None = options.option(
+      None, 'Weight of the age loss in the total loss (unset: the head\'s own, chosen on '
+      'validation: 1 for regression, 0.5 for distribution, whose KL outweighs the gender loss '
+      'at 1).', lower=0)
   early_stopping_patience: int = options.option(0, 'Stop after this many epochs without a better '
                                         'validation age MAE (0: off).', lower=0)
   reduce_lr_patience: int = options.option(0, 'Multiply the learning rate by --reduce_lr_factor after '
@@ -152,7 +158,8 @@ SECTIONS = {'data': DataConfig, 'model': ModelConfig, 'optim': OptimConfig, 'run
 RECIPES: dict[str, dict[str, Any]] = {
     'default': {},
     'reference': {'model': 'seed_cnn', 'age_head': 'regression', 'augment': False,
-                  'batch_norm': False, 'learning_rate': 1e-4, 'weight_decay': 0.0, 'schedule': 'constant', 'age_loss': 'mse',
+                  'batch_norm': False, 'age_loss_weight': 1.0, 'learning_rate': 1e-4,
+                  'weight_decay': 0.0, 'schedule': 'constant', 'age_loss': 'mse',
                   'age_unit': 'years'},
 }
 
@@ -190,6 +197,12 @@ def replace(config: Config, **values) -> Config:
 
 def as_dict(config: Config) -> dict[str, dict[str, Any]]:
   return {section: dataclasses.asdict(getattr(config, section)) for section in SECTIONS}
+
+
+def age_loss_weight(config: Config) -> float:
+  """The age loss's weight: age_loss_weight, or when unset the head's (AGE_LOSS_WEIGHTS)."""
+  weight = config.optim.age_loss_weight
+  return AGE_LOSS_WEIGHTS[config.model.age_head] if weight is None else float(weight)
 
 
 def check(config: Config) -> None:

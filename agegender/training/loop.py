@@ -104,6 +104,7 @@ def build_task(config: config_lib.Config, statistics: dict[str, Any], steps_per_
   optimizer.build(model.trainable_variables)
   return trainer.Task(model=model, optimizer=optimizer, optim=config.optim,
                       age_unit=float(age_unit), global_batch_size=global_batch_size,
+                      age_weight=config_lib.age_loss_weight(config),
                       metrics=trainer.make_metrics(config.model.age_head == 'distribution'),
                       augment=config.data.augment, augment_policy=config.data.augment_policy,
                       seed=config.data.seed)

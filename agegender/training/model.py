@@ -145,7 +145,8 @@ def _heads(features, dense_units: int, dropout: float, mean_age: float, age_std:
                                 name='age_logits')(x)
     distribution = keras.layers.Softmax(dtype='float32', name=AGE_DISTRIBUTION)(logits)
     return {contract.GENDER_OUTPUT: gender,
-            contract.AGE_OUTPUT: AgeSummary(dtype='float32', name=contract.AGE_OUTPUT)(distribution),
+            contract.AGE_OUTPUT: AgeSummary(dtype='float32',
+                                            name=contract.AGE_OUTPUT)(distribution),
             AGE_LOW: AgeSummary(LOW_QUANTILE, dtype='float32', name=AGE_LOW)(distribution),
             AGE_HIGH: AgeSummary(HIGH_QUANTILE, dtype='float32', name=AGE_HIGH)(distribution),
             AGE_DISTRIBUTION: distribution}

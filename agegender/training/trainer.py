@@ -55,6 +55,7 @@ class Task:
   age_unit: float  # Years per unit of the age error the loss sees.
   global_batch_size: int
   metrics: dict[str, keras.metrics.Metric]
+  age_weight: float = 1.0  # Of the age loss in the total (config_lib.age_loss_weight).
   augment: bool = False  # Vary each training batch (training_images) by augment_policy.
   augment_policy: str = 'flip_shift'  # A preprocess.POLICIES name.
   seed: int = 0  # Of the augmentation.
@@ -153,7 +154,7 @@ def _update_metrics(task: Task, outputs, targets, gender_loss, age_loss, total) 
 
 
 def _total(task: Task, gender_loss, age_loss):
-  return task.optim.gender_loss_weight * gender_loss + task.optim.age_loss_weight * age_loss
+  return task.optim.gender_loss_weight * gender_loss + task.age_weight * age_loss
 
 
 def training_images(task: Task, images: tf.Tensor) -> tf.Tensor:
