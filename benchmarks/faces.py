@@ -7,12 +7,14 @@ Takes --faces crops of the records' test split (their source JPEG bytes and labe
 make_records stored them; the split follows from each image's content hash, so neither training
 nor the eye calibration saw them) and pastes them 1 to 3 a scene into generated 640x480 scenes
 (blurred noise, gradients, stripes, checks) at random sides (--min_side..--max_side) and turns
-(up to --max_rotation degrees either way). Each face is first degraded as photos from elsewhere
-are, one condition a face (CONDITIONS: its share): colour (as it is), grey, faded (low
-saturation and contrast, lifted blacks, a warm cast), blurred (a Gaussian of 1.2-2.5% of the
-side) or jpeg (re-encoded at quality 5-15). The scene is saved as a JPEG (quality 90) and
-decoded, as a photo reaches predict; everything is seeded. agegender.faces.face_crops then
-finds, refines and aligns every face, as predict does.
+(up to --max_rotation degrees either way), each with reflected surroundings (MARGIN of its side
+each way, fading into the scene: bare, the scene would show at the recrop's edges). Each face
+and its surroundings are first degraded as photos from elsewhere are, one condition a face
+(CONDITIONS: its share): colour (as it is), grey, faded (low saturation and contrast, lifted
+blacks, a warm cast), blurred (a Gaussian of 1.2-2.5% of the side) or jpeg (re-encoded at
+quality 5-15). The scene is saved as a JPEG (quality 90) and decoded, as a photo reaches
+predict; everything is seeded. agegender.faces.face_crops then finds, refines and aligns every
+face, as predict does.
 
 A pasted face is found when the aligned crop of a detection (its corners, faces.crop_corners)
 overlaps the pasted square with IoU >= 0.5 (the best such detection); other detections are
