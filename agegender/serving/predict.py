@@ -214,7 +214,7 @@ def predict_photos(model, paths: Iterable[str], annotate_dir: str | None = None,
       continue
     results = predict_faces(model, pixels, path, score_threshold)
     if annotate_dir:
-      labels = [(r['box'], f'{r["age"]:.0f} {r["gender"]} {r["probability"]:.2f}')
+      labels = [(r['box'], f'{format_age(r)} {r["gender"]} {r["probability"]:.2f}')
                 for r in results]
       stem = os.path.splitext(os.path.basename(path))[0]
       # Photos of one name in different folders get -2, -3...: none overwrites another.
