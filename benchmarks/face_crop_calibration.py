@@ -35,6 +35,7 @@ from skimage import data as skimage_data
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
+from scenes import background  # pylint: disable=wrong-import-position
 
 from agegender import faces  # pylint: disable=wrong-import-position
 
@@ -173,29 +174,6 @@ def check_alignment(measured: list, figures: dict) -> None:
         cv2.circle(sheet, (200 + round(x), 200 * row + round(y)), 2, (255, 0, 0), -1)
     Image.fromarray(sheet).save(FLAGS.examples)
     print(f'  examples (original | aligned, targets in red): {FLAGS.examples}')
-
-
-def background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-  """A faceless scene: noise, gradient, stripes or checks (benchmarks/faces.py's; it imports TF)."""
-  kind = rng.integers(4)
-  y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-  colour_a, colour_b = rng.uniform(0, 255, (2, 3))
-  if kind == 0:
-    small = rng.uniform(0, 255, (height // 16, width // 16, 3)).astype(np.uint8)
-    return np.array(Image.fromarray(small).resize((width, height), Image.BICUBIC))
-  if kind == 1:
-    angle = rng.uniform(0, 2 * np.pi)
-    t = np.cos(angle) * x + np.sin(angle) * y
-    t = (t - t.min()) / (t.max() - t.min())
-  elif kind == 2:
-    period, angle = rng.uniform(8, 60), rng.uniform(0, np.pi)
-    t = 0.5 + 0.5 * np.sin((np.cos(angle) * x + np.sin(angle) * y) * 2 * np.pi / period)
-  else:
-    cell = rng.integers(10, 60)
-    t = ((x // cell + y // cell) % 2).astype(np.float32)
-  pixels = colour_a + t[..., None] * (colour_b - colour_a)
-  pixels += rng.normal(0, 6, pixels.shape)
-  return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
 def paste(scene: np.ndarray, crop: np.ndarray, face: faces.Face, side: int, angle: float,

@@ -45,6 +45,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
+from scenes import background  # pylint: disable=wrong-import-position
 
 from agegender import contract  # pylint: disable=wrong-import-position
 from agegender import faces  # pylint: disable=wrong-import-position
@@ -82,29 +83,6 @@ def test_crops(records_dir: str, count: int) -> list[tuple[bytes, int, int]]:
     rows.append((example[contract.IMAGE].numpy(), int(example[contract.AGE]),
                  int(example[contract.GENDER])))
   return rows
-
-
-def background(rng: np.random.Generator) -> np.ndarray:
-  """A faceless 640x480 scene: blurred noise, a gradient, stripes or checks."""
-  kind = rng.integers(4)
-  y, x = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
-  colour_a, colour_b = rng.uniform(0, 255, (2, 3))
-  if kind == 0:
-    small = rng.uniform(0, 255, (HEIGHT // 16, WIDTH // 16, 3)).astype(np.uint8)
-    return np.array(Image.fromarray(small).resize((WIDTH, HEIGHT), Image.BICUBIC))
-  if kind == 1:
-    angle = rng.uniform(0, 2 * np.pi)
-    t = np.cos(angle) * x + np.sin(angle) * y
-    t = (t - t.min()) / (t.max() - t.min())
-  elif kind == 2:
-    period, angle = rng.uniform(8, 60), rng.uniform(0, np.pi)
-    t = 0.5 + 0.5 * np.sin((np.cos(angle) * x + np.sin(angle) * y) * 2 * np.pi / period)
-  else:
-    cell = rng.integers(10, 60)
-    t = ((x // cell + y // cell) % 2).astype(np.float32)
-  pixels = colour_a + t[..., None] * (colour_b - colour_a)
-  pixels += rng.normal(0, 6, pixels.shape)
-  return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
 def degrade(crop: np.ndarray, condition: str, rng: np.random.Generator) -> np.ndarray:
@@ -193,7 +171,7 @@ def make_scenes(records, rng: np.random.Generator) -> dict:
     centres = place(rng, shapes)
     if centres is None:
       continue
-    scene, truths = background(rng), []
+    scene, truths = background(rng, WIDTH, HEIGHT), []
     for (side, angle), centre in zip(shapes, centres, strict=True):
       crop = decode(records[index][0])
       crop = cv2.resize(crop, (side, side),
