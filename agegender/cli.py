@@ -42,14 +42,12 @@ KNOWN_ERRORS = (UsageError, FileNotFoundError, ImportError)
 # ---- Flags from settings dataclasses. ----
 
 def define_flags(*settings: type, flag_values: flags.FlagValues = flags.FLAGS,
-                 skip: Sequence[str] = (), defaults: Mapping[str, Any] | None = None) -> None:
-  """One flag per field of each dataclass (but those in `skip`); `defaults` overrides the
-  field's default as the flag's (for an entry point whose default differs, said in its help)."""
+                 defaults: Mapping[str, Any] | None = None) -> None:
+  """One flag per field of each dataclass; `defaults` overrides the field's default as the
+  flag's (for a script whose default differs, said in its help)."""
   defaults = defaults or {}
   for cls in settings:
     for field in dataclasses.fields(cls):
-      if field.name in skip:
-        continue
       _define(field, defaults.get(field.name, options.default_of(field)), flag_values)
 
 
@@ -93,9 +91,9 @@ def flag_values_of(cls: type, flag_values: flags.FlagValues = flags.FLAGS,
   return values
 
 
-def from_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS, **given: Any):
-  """The dataclass from its flags; `given` sets fields that have no flag."""
-  return cls(**flag_values_of(cls, flag_values), **given)
+def from_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS):
+  """The dataclass from its flags."""
+  return cls(**flag_values_of(cls, flag_values))
 
 
 # ---- Errors. ----
@@ -137,20 +135,19 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
   return []  # Unreachable.
 
 
-def run(main: Callable[[list[str]], int | None], spelling: Mapping[str, str] | None = None,
-        extra_errors: tuple[type[BaseException], ...] = ()) -> None:
+def run(main: Callable[[list[str]], int | None],
+        spelling: Mapping[str, str] | None = None) -> None:
   """absl's app.run, with known errors printed as one line and exit status 2.
 
   spelling: the entry point's table of fields whose flag is not `--<field>`.
   """
-  errors = KNOWN_ERRORS + tuple(extra_errors)
 
   def guarded(argv):
     try:
       return main(argv)
     except contract.ArgumentError as e:
       fail(str(usage_error(e, spelling)))
-    except errors as e:  # pylint: disable=catching-non-exception
+    except KNOWN_ERRORS as e:
       fail(str(e))
     except KeyboardInterrupt:
       fail('interrupted', status=130)
