@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from agegender import contract
+from agegender import files as files_lib
 from agegender.records import sources
 from agegender.records import synthetic
 
@@ -35,7 +36,7 @@ def _nested(faces):
 
 
 def _kept(files):
-  return {name: data for name, data in files.items() if not sources.ignored(name)}
+  return {name: data for name, data in files.items() if not files_lib.ignored(name)}
 
 
 def test_folder_is_searched_recursively(tmp_path, faces):

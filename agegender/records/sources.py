@@ -105,9 +105,6 @@ def open_path(path: str, spec: str | None = None,
       '(.tar, .tar.gz, .tgz, .zip)')
 
 
-ignored = files.ignored  # Hidden files and OS litter: left out of folders and archives alike.
-
-
 def _member_name(name: str) -> str:
   while name.startswith('./'):  # tar's usual prefix; not part of the name.
     name = name[2:]
@@ -189,7 +186,7 @@ def _tar_source(path: str, spec: str, max_file_bytes: int) -> Source:
       with tarfile.open(path, mode='r|*') as archive:
         for member in archive:
           name = _member_name(member.name)
-          if not member.isfile() or ignored(name):
+          if not member.isfile() or files.ignored(name):
             continue
           if member.size > max_file_bytes:
             yield name, TooLarge(member.size, max_file_bytes)
@@ -204,7 +201,7 @@ def _zip_members(path: str, spec: str) -> list[zipfile.ZipInfo]:
   try:
     with zipfile.ZipFile(path) as archive:
       return [info for info in archive.infolist()
-              if not info.is_dir() and not ignored(info.filename)]
+              if not info.is_dir() and not files.ignored(info.filename)]
   except (zipfile.BadZipFile, OSError) as e:
     raise _archive_error(spec, e) from None
 
