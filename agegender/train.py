@@ -8,9 +8,10 @@ Every flag is a field of agegender.training.config (its name, default and help);
 flag given on the command line overrides the --recipe's value. Everything a
 run writes lands in --model_dir (default runs/<model>):
 
-  model.keras         the best model by validation age MAE (Keras format); with the
-                      distribution head, its age interval calibrated on the
-                      validation split (--interval_coverage)
+  model.keras         the best model by validation age MAE (Keras format); with
+                      --flip_average (default), wrapped to average each face with
+                      its mirror image; with the distribution head, its age
+                      interval calibrated on the validation split (--interval_coverage)
   export/             the serving SavedModel (encoded image bytes in)
   history.csv         one row per epoch: losses and metrics, train and validation
                       (the distribution head's: also the coverage and width of

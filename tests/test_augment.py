@@ -144,6 +144,9 @@ def test_blur_smooths_only_the_images_drawn_for_it():
   assert 0.15 < changed.mean() < 0.45
   assert np.all(after[changed] <= before[changed] + 0.05)
   assert after[changed].mean() < 0.8 * before[changed].mean()
+  # From mild (a 3x3 mean) to coarse (a quarter of the side): some keep most detail, some little.
+  ratio = after[changed] / before[changed]
+  assert ratio.max() > 0.7 and ratio.min() < 0.3
 
 
 def test_photo_compiles_with_xla():

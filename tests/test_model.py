@@ -313,3 +313,43 @@ def test_the_training_step_learns_a_constant_target_with_each_age_loss(age_head,
   assert ('age_output_coverage' in logged) == interval
   assert errors[-1] < errors[0] / 4, errors  # Years off before each step: 14 at first.
   assert int(run_steps(iterator)[0]) == 0  # The end of the data: no step.
+
+
+@pytest.mark.parametrize('age_head', ['distribution', 'regression'])
+def test_a_flip_averaged_model_averages_each_face_and_its_mirror(tmp_path, age_head):
+  model = build('tiny', 32, mean_age=30.0, age_std=15.0, age_head=age_head)
+  if age_head == 'distribution':
+    logits = model.get_layer('age_logits')
+    logits.kernel.assign(np.random.default_rng(1).normal(0, 0.3, logits.kernel.shape))
+    model_lib.set_interval_quantiles(model, 0.15, 0.85)
+    model.save(str(tmp_path / 'plain.keras'))
+    model = export.load_keras_model(str(tmp_path / 'plain.keras'))  # Traced with that pair.
+  images = pixels(4, 32)
+  plain = model.predict_on_batch(images)
+  mirrored = model.predict_on_batch(images[:, :, ::-1])
+  averaged = model_lib.flip_averaged(model)
+  assert model_lib.is_flip_averaged(averaged) and not model_lib.is_flip_averaged(model)
+  assert model_lib.flip_averaged(averaged) is averaged
+  assert model_lib.unflipped(averaged) is model and model_lib.unflipped(model) is model
+  assert model_lib.interval_quantiles(averaged) == model_lib.interval_quantiles(model)
+  outputs = averaged.predict_on_batch(images)
+  assert set(outputs) == set(plain)
+  np.testing.assert_allclose(outputs['gender_output'],
+                             (plain['gender_output'] + mirrored['gender_output']) / 2, rtol=1e-5)
+  if age_head == 'distribution':
+    distribution = (plain['age_distribution'] + mirrored['age_distribution']) / 2
+    np.testing.assert_allclose(outputs['age_distribution'], distribution, rtol=1e-5)
+    np.testing.assert_allclose(outputs['age_output'], model_lib.expected_age(distribution),
+                               rtol=1e-5)
+    np.testing.assert_allclose(outputs['age_low'], model_lib.age_quantile(distribution, 0.15),
+                               rtol=1e-5)
+  else:
+    np.testing.assert_allclose(outputs['age_output'],
+                               (plain['age_output'] + mirrored['age_output']) / 2, rtol=1e-5)
+  assert not np.allclose(plain['gender_output'], mirrored['gender_output'])  # A real mirror.
+  path = str(tmp_path / 'model.keras')
+  averaged.save(path)
+  loaded = export.load_keras_model(path)
+  assert model_lib.is_flip_averaged(loaded)
+  for name, value in outputs.items():
+    np.testing.assert_allclose(loaded.predict_on_batch(images)[name], value, rtol=1e-6)

@@ -90,7 +90,7 @@ class Policy:
   contrast: float = 0.0  # Of the distance from the image's mean grey (0.4: 0.6x to 1.4x).
   saturation: tuple[float, float] = (1.0, 1.0)  # Range of the colour kept (0: grey).
   grey: float = 0.0  # Share of the images made fully grey (R = G = B).
-  blur: float = 0.0  # Share of the images blurred, each mixed with a random part of its blur.
+  blur: float = 0.0  # Share of the images blurred, each by a random amount, mild to coarse.
 
   @property
   def geometric(self) -> bool:  # Needs the affine sampler (else the integer shift's gather).
@@ -116,8 +116,11 @@ POLICIES = {
     'photo': Policy(**_GEOMETRY, **_COLOUR),
 }
 # The blur: a box mean 2r + 1 pixels wide, r this many per 64 px of the side (at 64 px a 3x3
-# mean, about a Gaussian of 0.8 px: mild, as a face scanned or photographed a little soft).
+# mean, about a Gaussian of 0.8 px: mild, as a face scanned or photographed a little soft)...
 BLUR_RADIUS = 1.0
+# ... and past it, the face at 1/COARSE of the side, scaled back up: a small face in a photo, or
+# one out of focus (about a Gaussian of 2.5% of the side, where old photos' soft faces lie).
+COARSE = 4
 # Luma weights (ITU-R BT.601), as tf.image.rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -214,10 +217,16 @@ def _photometric(images: tf.Tensor, draws: tf.Tensor, policy: Policy) -> tf.Tens
     return draws[:, column, None, None, None]
 
   if policy.blur:
-    # One blur of the batch, mixed in by a random amount in the images drawn to be blurred.
+    # Two blurs of the batch; an image drawn to be blurred goes by a random amount from sharp to
+    # the box blur (amount 0 to 0.5), then on to the coarse copy (0.5 to 1).
     amount = tf.where(per_image(0) < policy.blur, per_image(0) / policy.blur, 0.0)
-    width = 2 * max(1, round(BLUR_RADIUS * images.shape[1] / 64)) + 1
-    pixels = pixels * (1 - amount) + tf.nn.avg_pool2d(pixels, width, 1, 'SAME') * amount
+    size = images.shape[1]
+    width = 2 * max(1, round(BLUR_RADIUS * size / 64)) + 1
+    mild = tf.minimum(2 * amount, 1.0)
+    pixels = pixels * (1 - mild) + tf.nn.avg_pool2d(pixels, width, 1, 'SAME') * mild
+    coarse = tf.image.resize(tf.nn.avg_pool2d(pixels, COARSE, COARSE, 'VALID'), [size, size])
+    strong = tf.maximum(2 * amount - 1, 0.0)
+    pixels = pixels * (1 - strong) + coarse * strong
   low, high = policy.saturation
   # The grey share is drawn from the low end of the column; the rest spreads over the range.
   share = tf.clip_by_value((per_image(1) - policy.grey) / max(1e-6, 1 - policy.grey), 0.0, 1.0)

@@ -64,7 +64,8 @@ def split_sizes(manifest: dict[str, Any]) -> dict[str, int]:
 ARCHITECTURE = ('model', 'image_size', 'filters', 'dense_units', 'weights', 'batch_norm',
                 'age_head')
 # What a run saved before a field existed had: its config.json lacks the field.
-_BEFORE_FIELD = {'age_head': 'regression'}
+_BEFORE_FIELD = {'age_head': 'regression', 'augment_policy': 'flip_shift',
+                 'flip_average': False}
 
 
 def _check_same_model(config: config_lib.Config, model_dir: str) -> None:
@@ -190,11 +191,17 @@ def train_and_evaluate(config: config_lib.Config, callbacks: Sequence = ()) -> d
   if not os.path.exists(best_path):
     task.model.save(best_path)  # No epoch had a finite validation MAE.
   best = export.load_keras_model(best_path)
+  changed = False
+  if config.model.flip_average and not model_lib.is_flip_averaged(best):
+    best, changed = model_lib.flip_averaged(best), True
   if config.model.age_head == 'distribution' and config.model.interval_coverage:
+    # On the model that is served: averaging over the mirror image widens the distributions.
     quantiles = evaluate.calibrate_interval(best, config.data.records_dir,
                                             config.model.interval_coverage, manifest=manifest)
     logging.info('age interval: percentiles %.4f and %.4f hold %g of the validation ages',
                  *quantiles, config.model.interval_coverage)
+    changed = True
+  if changed:
     with files.atomic_path(best_path) as partial:
       best.save(partial)
     best = export.load_keras_model(best_path)  # Traced anew, with the calibrated pair.

@@ -156,6 +156,54 @@ def _heads(features, dense_units: int, dropout: float, mean_age: float, age_std:
   return {contract.GENDER_OUTPUT: gender, contract.AGE_OUTPUT: age}
 
 
+@keras.saving.register_keras_serializable(package='agegender')
+class Mirror(keras.layers.Layer):
+  """Images [B, H, W, C] flipped left to right."""
+
+  def call(self, images):
+    return keras.ops.flip(images, axis=2)
+
+
+FLIP_AVERAGED = 'mirror'  # The layer whose presence marks a flip-averaged model.
+
+
+def is_flip_averaged(model: keras.Model) -> bool:
+  return FLIP_AVERAGED in [layer.name for layer in model.layers]
+
+
+def unflipped(model: keras.Model) -> keras.Model:
+  """The model a flip-averaged one averages (any other model as is)."""
+  if not is_flip_averaged(model):
+    return model
+  return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+def flip_averaged(model: keras.Model) -> keras.Model:
+  """A model whose outputs average `model`'s on each face and on its mirror image (the age
+  distribution and the gender probability; age, age_low and age_high follow from the
+  average), at twice the computation; a model already averaged is returned as is."""
+  if is_flip_averaged(model):
+    return model
+  pixels = keras.Input(tuple(model.input.shape[1:]), dtype=model.input.dtype, name='image')
+  plain, mirrored = model(pixels), model(Mirror(name=FLIP_AVERAGED)(pixels))
+
+  def average(name):
+    return keras.layers.Average(dtype='float32', name=name)([plain[name], mirrored[name]])
+
+  outputs = {contract.GENDER_OUTPUT: average(contract.GENDER_OUTPUT)}
+  quantiles = interval_quantiles(model)
+  if quantiles is None:
+    outputs[contract.AGE_OUTPUT] = average(contract.AGE_OUTPUT)
+  else:
+    distribution = average(AGE_DISTRIBUTION)
+    outputs.update({
+        contract.AGE_OUTPUT: AgeSummary(dtype='float32', name=contract.AGE_OUTPUT)(distribution),
+        AGE_LOW: AgeSummary(quantiles[0], dtype='float32', name=AGE_LOW)(distribution),
+        AGE_HIGH: AgeSummary(quantiles[1], dtype='float32', name=AGE_HIGH)(distribution),
+        AGE_DISTRIBUTION: distribution})
+  return keras.Model(pixels, outputs, name=f'{model.name}_flip_averaged')
+
+
 def coverage_quantile(probabilities, ages, coverage: float) -> float:
   """The q whose interval [quantile q, quantile 1 - q] of each distribution [N, AGES] holds
   `coverage` of the true ages [N] (the largest such q, to 1e-4): a percentile pair calibrated
