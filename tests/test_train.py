@@ -192,6 +192,7 @@ def test_the_reference_recipe_is_the_seed_notebooks_and_flags_override_it(train_
   config = train.config_from_flags(train_flags)
   assert (config.model.model, config.model.age_head, config.model.batch_norm,
           config.data.augment) == ('seed_cnn', 'regression', False, False)
+  assert (config.model.dropout, config.model.flip_average) == (0.5, False)
   assert (config.optim.age_loss, config.optim.age_unit, config.optim.learning_rate,
           config.optim.weight_decay, config.optim.schedule) == ('mse', 'years', 1e-4, 0.0,
                                                                'constant')

@@ -90,7 +90,7 @@ class ModelConfig:
   filters: tuple[int, ...] = options.option((), 'Conv filters per block of seed_cnn and tiny '
                                     '(empty: 64,128,256; 16,32,64 for tiny).')
   dense_units: int = options.option(0, 'Units of the dense layer before the heads (0: 256; 32 for tiny).', lower=0)
-  dropout: float = options.option(0.5, 'Dropout before the heads.')
+  dropout: float = options.option(0.25, 'Dropout before the heads.')
   batch_norm: bool = options.option(True, 'Batch normalization after each convolution of seed_cnn '
                             'and tiny (compact_cnn always has it).')
   mixed_precision: bool = options.option(False, 'mixed_float16 compute (for GPUs); the output heads '
@@ -163,7 +163,7 @@ SECTIONS = {'data': DataConfig, 'model': ModelConfig, 'optim': OptimConfig, 'run
 RECIPES: dict[str, dict[str, Any]] = {
     'default': {},
     'reference': {'model': 'seed_cnn', 'age_head': 'regression', 'augment': False,
-                  'flip_average': False,
+                  'flip_average': False, 'dropout': 0.5,
                   'batch_norm': False, 'age_loss_weight': 1.0, 'learning_rate': 1e-4,
                   'weight_decay': 0.0, 'schedule': 'constant', 'age_loss': 'mse',
                   'age_unit': 'years'},
