@@ -127,6 +127,15 @@ class AgeSummary(keras.layers.Layer):
     return {**super().get_config(), 'quantile': self.quantile}
 
 
+def distribution_outputs(distribution, low: float, high: float) -> dict:
+  """A distribution head's outputs from its distribution: the expected age and the `low` and
+  `high` percentiles."""
+  return {contract.AGE_OUTPUT: AgeSummary(dtype='float32', name=contract.AGE_OUTPUT)(distribution),
+          AGE_LOW: AgeSummary(low, dtype='float32', name=AGE_LOW)(distribution),
+          AGE_HIGH: AgeSummary(high, dtype='float32', name=AGE_HIGH)(distribution),
+          AGE_DISTRIBUTION: distribution}
+
+
 def prior_logits(mean_age: float, age_std: float) -> np.ndarray:
   """The distribution head's starting logits: a Gaussian of the training split's ages."""
   years = np.arange(AGES, dtype=np.float64)
@@ -145,11 +154,7 @@ def _heads(features, dense_units: int, dropout: float, mean_age: float, age_std:
                                 name='age_logits')(x)
     distribution = keras.layers.Softmax(dtype='float32', name=AGE_DISTRIBUTION)(logits)
     return {contract.GENDER_OUTPUT: gender,
-            contract.AGE_OUTPUT: AgeSummary(dtype='float32',
-                                            name=contract.AGE_OUTPUT)(distribution),
-            AGE_LOW: AgeSummary(LOW_QUANTILE, dtype='float32', name=AGE_LOW)(distribution),
-            AGE_HIGH: AgeSummary(HIGH_QUANTILE, dtype='float32', name=AGE_HIGH)(distribution),
-            AGE_DISTRIBUTION: distribution}
+            **distribution_outputs(distribution, LOW_QUANTILE, HIGH_QUANTILE)}
   age_units = keras.layers.Dense(1, dtype='float32', name='age_units')(x)
   age = keras.layers.Rescaling(age_std, offset=mean_age, dtype='float32',
                                name=contract.AGE_OUTPUT)(age_units)
@@ -195,12 +200,7 @@ def flip_averaged(model: keras.Model) -> keras.Model:
   if quantiles is None:
     outputs[contract.AGE_OUTPUT] = average(contract.AGE_OUTPUT)
   else:
-    distribution = average(AGE_DISTRIBUTION)
-    outputs.update({
-        contract.AGE_OUTPUT: AgeSummary(dtype='float32', name=contract.AGE_OUTPUT)(distribution),
-        AGE_LOW: AgeSummary(quantiles[0], dtype='float32', name=AGE_LOW)(distribution),
-        AGE_HIGH: AgeSummary(quantiles[1], dtype='float32', name=AGE_HIGH)(distribution),
-        AGE_DISTRIBUTION: distribution})
+    outputs.update(distribution_outputs(average(AGE_DISTRIBUTION), *quantiles))
   return keras.Model(pixels, outputs, name=f'{model.name}_flip_averaged')
 
 
