@@ -266,6 +266,10 @@ BAD_FLAGS = [
     (['--model=mobilenet_v3_small', '--weights=imagenet'], 'cannot load imagenet weights'),
     (['--model=tiny', '--weights=imagenet'], '--weights imagenet need a keras.applications model'),
     (['--dropout=1'], '--dropout must be in [0, 1)'),
+    (['--progressive_size=0'], '--progressive_size must be positive'),
+    (['--progressive_size=1.5'], 'flag --progressive_size=1.5: 1.5 is not number <= 1'),
+    (['--progressive_size=0.5', '--model=tiny'], '--progressive_size needs compact_cnn'),
+    (['--progressive_size=0.5'], 'trains the first epochs at 16 pixels; 32 is the least'),
     (['--reduce_lr_patience=2'], '--reduce_lr_patience needs the constant'),
     (['--distribution_strategy=multi_worker'], '--distribution_strategy=multi_worker needs'),
     (['--records_dir={damaged}'], '(--skip_corrupt skips corrupt records)'),
@@ -434,3 +438,52 @@ def test_the_logged_loss_is_the_sum_of_the_head_losses_on_two_replicas():
     if not key.startswith('val_'):
       # Sums in another order differ in the last float bits, and each step carries that on.
       assert result['history'][0][key] == pytest.approx(value, rel=1e-4), key
+
+
+# ---- Progressive resizing. ----
+
+def test_progressive_resizing_ramps_from_the_smaller_side_to_image_size():
+  from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  sizes = lambda **values: [config_lib.epoch_image_size(config_lib.make_config(**values), epoch)
+                            for epoch in range(values['epochs'])]
+  assert sizes(image_size=128, epochs=10, progressive_size=0.75) == [
+      96, 96, 96, 96, 96, 104, 112, 112, 120, 128]
+  assert sizes(image_size=64, epochs=2, progressive_size=0.75) == [48, 64]
+  assert sizes(image_size=64, epochs=1, progressive_size=0.5) == [64]
+  assert sizes(image_size=128, epochs=3, progressive_size=1.0) == [128, 128, 128]
+
+
+def test_progressive_resizing_trains_each_epoch_at_its_side_and_keeps_the_models_input(
+    monkeypatch):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from agegender.training import trainer  # pylint: disable=g-import-not-at-top
+  config = config_lib.make_config(image_size=64, epochs=4, batch_size=16, progressive_size=0.5)
+  strategy = tf.distribute.get_strategy()
+  with strategy.scope():
+    task = loop.build_task(config, {'mean_age': 40.0, 'age_std': 20.0}, steps_per_epoch=2,
+                           global_batch_size=16)
+  assert task.image_sizes == (32, 32, 48, 64)
+  seen = []  # The side of each traced training step's images.
+  original = trainer.resized
+  monkeypatch.setattr(trainer, 'resized',
+                      lambda images, size: seen.append(size) or original(images, size))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (32, 64, 64, 3), dtype=np.uint8)
+  targets = {'gender_output': rng.integers(0, 2, (32, 1)).astype(np.float32),
+             'age_output': rng.integers(1, 90, (32, 1)).astype(np.float32)}
+  data = tf.data.Dataset.from_tensor_slices((images, targets)).batch(16)
+  losses = []
+  trainer.fit(task, strategy, strategy.experimental_distribute_dataset(data),
+              strategy.experimental_distribute_dataset(data), first_epoch=0, epochs=4,
+              steps_per_epoch=2, verbose=0,
+              end_of_epoch=lambda epoch, logs, examples: losses.append(logs['loss']) and False)
+  assert seen == [32, 48, 64]  # One trace per side; the epochs at 32 share one.
+  assert len(losses) == 4 and all(np.isfinite(losses))
+  assert tuple(task.model.input.shape) == (None, 64, 64, 3)
+  shapes = {name: tuple(value.shape) for name, value in task.model(images[:2]).items()}
+  assert shapes['age_output'] == (2, 1) and shapes['gender_output'] == (2, 1)
+  # A smaller side reaches the same outputs' shapes through the global pooling.
+  small = trainer.resized(tf.constant(images[:2]), 32)
+  assert tuple(small.shape) == (2, 32, 32, 3) and small.dtype == tf.uint8

@@ -48,6 +48,11 @@ class DataConfig:
   batch_size: int = options.option(128, 'Global batch size (split over the replicas).', above=0)
   shuffle_buffer: int = options.option(2_000, 'Training shuffle buffer, in records (the pipeline\'s '
                                'main memory: about this many stored images).', above=0)
+  progressive_size: float = options.option(
+      1.0, 'Progressive resizing: the first half of the epochs train at this fraction of '
+      '--image_size (rounded to 8 pixels), the rest ramp up linearly to --image_size, which the '
+      'last epoch, validation and the exported model use (1: off; compact_cnn only).',
+      above=0, upper=1)
   augment: bool = options.option(True, 'Vary each training image (in the training step, on the '
                          'device) as --augment_policy says.')
   augment_policy: str = options.option(
@@ -211,6 +216,24 @@ def age_loss_weight(config: Config) -> float:
   return AGE_LOSS_WEIGHTS[config.model.age_head] if weight is None else float(weight)
 
 
+# Progressive resizing's sizes are multiples of this (and never above image_size).
+SIZE_STEP = 8
+
+
+def epoch_image_size(config: Config, epoch: int) -> int:
+  """The side the training step sees in `epoch` (0-based): image_size, or with
+  progressive_size < 1 the smaller side for the first half of the epochs, then a linear ramp
+  that reaches image_size in the last (FFCV's ImageNet recipe ramps the resolution so)."""
+  size, epochs = config.data.image_size, config.optim.epochs
+  if config.data.progressive_size >= 1.0:
+    return size
+  low = config.data.progressive_size * size
+  flat = epochs // 2
+  share = 0.0 if epoch < flat else (epoch - flat + 1) / (epochs - flat)
+  wanted = low + (size - low) * min(1.0, share)
+  return min(size, SIZE_STEP * max(1, round(wanted / SIZE_STEP)))
+
+
 def check(config: Config) -> None:
   """Raises contract.ArgumentError for values that would fail later; its text starts with the
   field's name (which is also its flag's)."""
@@ -222,6 +245,14 @@ def check(config: Config) -> None:
     raise contract.ArgumentError('dropout', f'dropout must be in [0, 1), got {config.model.dropout}')
   if config.data.image_size < 32:
     raise contract.ArgumentError('image_size', f'image_size must be at least 32, got {config.data.image_size}')
+  if config.data.progressive_size < 1.0:
+    if config.model.model != 'compact_cnn':
+      raise contract.ArgumentError('progressive_size', 'progressive_size needs compact_cnn (it '
+                                   f'pools over any image size), not {config.model.model}')
+    if epoch_image_size(config, 0) < 32:
+      raise contract.ArgumentError('progressive_size', 'progressive_size '
+                                   f'{config.data.progressive_size} trains the first epochs at '
+                                   f'{epoch_image_size(config, 0)} pixels; 32 is the least')
   if config.model.weights != 'none' and config.model.model not in BACKBONES:
     raise contract.ArgumentError('weights', f'weights {config.model.weights} need a keras.applications '
                                  f'model, not {config.model.model}')

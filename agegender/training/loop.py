@@ -65,7 +65,7 @@ ARCHITECTURE = ('model', 'image_size', 'filters', 'dense_units', 'weights', 'bat
                 'age_head')
 # What a run saved before a field existed had: its config.json lacks the field.
 _BEFORE_FIELD = {'age_head': 'regression', 'augment_policy': 'flip_shift',
-                 'flip_average': False}
+                 'flip_average': False, 'progressive_size': 1.0}
 
 
 def _check_same_model(config: config_lib.Config, model_dir: str) -> None:
@@ -103,12 +103,18 @@ def build_task(config: config_lib.Config, statistics: dict[str, Any], steps_per_
   optimizer = trainer.make_optimizer(config.optim, config.optim.epochs * steps_per_epoch,
                                      config.model.mixed_precision)
   optimizer.build(model.trainable_variables)
+  sizes = ()
+  if config.data.progressive_size < 1.0:
+    sizes = tuple(config_lib.epoch_image_size(config, epoch)
+                  for epoch in range(config.optim.epochs))
+    # The smaller sides pass the network's global pooling; its saved input stays image_size.
+    model.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: 3})
   return trainer.Task(model=model, optimizer=optimizer, optim=config.optim,
                       age_unit=float(age_unit), global_batch_size=global_batch_size,
                       age_weight=config_lib.age_loss_weight(config),
                       metrics=trainer.make_metrics(config.model.age_head == 'distribution'),
                       augment=config.data.augment, augment_policy=config.data.augment_policy,
-                      seed=config.data.seed)
+                      seed=config.data.seed, image_sizes=sizes)
 
 
 def fit(config: config_lib.Config, manifest: dict[str, Any], strategy, model_dir: str, *,

@@ -29,6 +29,7 @@ import dataclasses
 import math
 from typing import Callable, Sequence
 
+from absl import logging
 import keras
 import tensorflow as tf
 
@@ -59,6 +60,7 @@ class Task:
   augment: bool = False  # Vary each training batch (training_images) by augment_policy.
   augment_policy: str = 'flip_shift'  # A preprocess.POLICIES name.
   seed: int = 0  # Of the augmentation.
+  image_sizes: tuple[int, ...] = ()  # The side trained at in each epoch (empty: as read).
 
 
 def make_metrics(interval: bool = False) -> dict[str, keras.metrics.Metric]:
@@ -172,10 +174,19 @@ def training_images(task: Task, images: tf.Tensor) -> tf.Tensor:
                                   total=task.global_batch_size, policy=task.augment_policy)
 
 
-def train_step(task: Task, data) -> tf.Tensor:
-  """One optimizer step on this replica's batch; returns its example count."""
+def resized(images: tf.Tensor, size: int | None) -> tf.Tensor:
+  """uint8 images [B, S, S, 3] at side `size` (None or S: unchanged), still uint8."""
+  if size is None or size == images.shape[1]:
+    return images
+  pixels = tf.image.resize(tf.cast(images, tf.float32), (size, size), antialias=True)
+  return tf.cast(tf.round(tf.clip_by_value(pixels, 0.0, 255.0)), tf.uint8)
+
+
+def train_step(task: Task, data, size: int | None = None) -> tf.Tensor:
+  """One optimizer step on this replica's batch, its images at side `size` (None: as read);
+  returns its example count."""
   images, targets = data
-  images = training_images(task, images)
+  images = resized(training_images(task, images), size)
   with tf.GradientTape() as tape:
     outputs = task.model(images, training=True)
     gender_loss, age_loss = per_example_losses(task, outputs, targets)
@@ -257,7 +268,18 @@ def fit(task: Task, strategy, train_data, validation_data, *, first_epoch: int, 
   must be saved and says whether to stop (early stopping). Keras's progress bar and any
   `callbacks` see the usual batch and epoch events.
   """
-  train_steps = step_function(task, strategy, train_step, steps_per_execution, jit_compile)
+  train_steps_by_size = {}  # One traced step per side that progressive resizing trains at.
+
+  def train_steps_for(epoch: int):
+    size = task.image_sizes[epoch] if task.image_sizes else None
+    if size not in train_steps_by_size:
+      if size is not None:
+        logging.info('epoch %d trains at %dx%d pixels', epoch + 1, size, size)
+      step = lambda task, data: train_step(task, data, size)
+      train_steps_by_size[size] = step_function(task, strategy, step, steps_per_execution,
+                                                jit_compile)
+    return train_steps_by_size[size]
+
   test_steps = step_function(task, strategy, eval_step, steps_per_execution)
   callbacks = keras.callbacks.CallbackList(
       list(callbacks), add_progbar=verbose != 0, verbose=verbose, epochs=epochs,
@@ -268,7 +290,7 @@ def fit(task: Task, strategy, train_data, validation_data, *, first_epoch: int, 
   for epoch in range(first_epoch, epochs):
     reset(task)
     callbacks.on_epoch_begin(epoch)
-    _, examples = run_pass(train_steps, train_data, task, callbacks, 'train')
+    _, examples = run_pass(train_steps_for(epoch), train_data, task, callbacks, 'train')
     logs = results(task)
     reset(task)
     callbacks.on_test_begin()
