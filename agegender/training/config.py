@@ -56,10 +56,10 @@ class DataConfig:
   augment: bool = options.option(True, 'Vary each training image (in the training step, on the '
                          'device) as --augment_policy says.')
   augment_policy: str = options.option(
-      'flip_shift', 'What --augment varies: flip_shift, a flip and a shift of up to 1/16 of the '
-      'side; photo, also scale +-10%, rotation +-12 degrees, brightness, contrast, saturation '
-      '(15% of images grey) and a blur (20%, from mild to a quarter of the resolution); '
-      'geometric and colour, photo\'s two halves.',
+      'colour', 'What --augment varies: flip_shift, a flip and a shift of up to 1/16 of the '
+      'side; colour, also brightness, contrast, saturation (15% of images grey) and a blur '
+      '(20%, from mild to a quarter of the resolution), for photos from elsewhere; geometric, '
+      'flip_shift with scale +-10% and rotation +-12 degrees; photo, geometric and colour.',
       AUGMENT_POLICIES)
   deterministic: bool = options.option(False, 'The same input order on every run (from --seed); '
                                'slower.')

@@ -58,7 +58,7 @@ class Task:
   metrics: dict[str, keras.metrics.Metric]
   age_weight: float = 1.0  # Of the age loss in the total (config_lib.age_loss_weight).
   augment: bool = False  # Vary each training batch (training_images) by augment_policy.
-  augment_policy: str = 'flip_shift'  # A preprocess.POLICIES name.
+  augment_policy: str = 'colour'  # A preprocess.POLICIES name (config's default).
   seed: int = 0  # Of the augmentation.
   image_sizes: tuple[int, ...] = ()  # The side trained at in each epoch (empty: as read).
 
