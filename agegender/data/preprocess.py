@@ -106,8 +106,9 @@ _COLOUR = dict(brightness=0.12, contrast=0.4, saturation=(0.3, 1.3), grey=0.15, 
 _GEOMETRY = dict(scale=0.1, rotation=12.0)
 # By name (DataConfig.augment_policy): flip_shift is the flip and integer shift alone, as before
 # 'photo' existed; geometric and colour are photo's two halves. colour is the default: at 10
-# epochs / 128 px it brings faces found in photos 0.9 years closer (grey, faded and blurred ones
-# 0.8-2.1) for 0.07 on clean test crops; geometric helps none of what faces.align leaves.
+# epochs / 128 px it brings faces found in photos 0.8-0.9 years closer (grey, faded and blurred
+# ones 0.5-2.2) for 0.07-0.18 on clean test crops (two seeds); geometric helps none of what
+# faces.align leaves.
 POLICIES = {
     'none': None,
     'flip_shift': Policy(),
