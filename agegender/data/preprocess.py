@@ -34,11 +34,12 @@ def to_rgb(image: tf.Tensor) -> tf.Tensor:
   return image
 
 
-def resize_pixels(image: Any, image_size: int = contract.DEFAULT_IMAGE_SIZE) -> tf.Tensor:
+def resize_pixels(image: Any, image_size: int = contract.DEFAULT_IMAGE_SIZE, *,
+                  antialias: bool = False) -> tf.Tensor:
   """Pixels [H, W, C] or [B, H, W, C] (0..255, 1, 3 or 4 channels) to uint8 [..., S, S, 3].
 
-  Bilinear resize, rounded to the nearest level; an image already at the size
-  passes unchanged.
+  Bilinear resize (with `antialias`, filtered when shrinking), rounded to the nearest level; an
+  image already at the size passes unchanged.
   """
   image = to_rgb(tf.convert_to_tensor(image))
   target = (image_size, image_size)
@@ -47,7 +48,7 @@ def resize_pixels(image: Any, image_size: int = contract.DEFAULT_IMAGE_SIZE) -> 
 
   def resized():
     # A float result rounded back to uint8: the model sees the same levels everywhere.
-    pixels = tf.image.resize(tf.cast(image, tf.float32), target)
+    pixels = tf.image.resize(tf.cast(image, tf.float32), target, antialias=antialias)
     return tf.cast(tf.round(tf.clip_by_value(pixels, 0.0, 255.0)), tf.uint8)
 
   is_target = tf.reduce_all(tf.equal(tf.shape(image)[-3:-1], target))

@@ -176,10 +176,9 @@ def training_images(task: Task, images: tf.Tensor) -> tf.Tensor:
 
 def resized(images: tf.Tensor, size: int | None) -> tf.Tensor:
   """uint8 images [B, S, S, 3] at side `size` (None or S: unchanged), still uint8."""
-  if size is None or size == images.shape[1]:
+  if size is None:
     return images
-  pixels = tf.image.resize(tf.cast(images, tf.float32), (size, size), antialias=True)
-  return tf.cast(tf.round(tf.clip_by_value(pixels, 0.0, 255.0)), tf.uint8)
+  return preprocess.resize_pixels(images, size, antialias=True)
 
 
 def train_step(task: Task, data, size: int | None = None) -> tf.Tensor:
