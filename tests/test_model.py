@@ -70,6 +70,40 @@ def test_compact_cnn_is_seven_normalized_convolutions_then_global_pooling():
   assert outputs['age_output'].shape == (2, 1) and outputs['gender_output'].shape == (2, 1)
 
 
+def test_compact_cnn_width_and_depth_scale_its_filters_and_stride_one_layers():
+  narrow_deep = build('compact_cnn', 64, width=0.5, depth=2)
+  convs = [layer for layer in narrow_deep.layers if isinstance(layer, keras.layers.Conv2D)]
+  assert [(conv.filters, conv.strides[0]) for conv in convs] == [
+      (16, 2), (32, 2), (32, 1), (32, 1), (64, 2), (64, 1), (64, 1), (128, 2), (128, 1), (128, 1)]
+  assert submodel(narrow_deep, f'conv{len(convs)}_relu').output.shape[1:] == (4, 4, 128)
+  # Rounded to multiples of 8; depth 0 leaves the four strided layers.
+  assert model_lib.compact_layers(1.3, 0) == ((40, 2), (80, 2), (168, 2), (336, 2))
+  assert model_lib.compact_layers() == model_lib.COMPACT_LAYERS
+  assert build('compact_cnn', 64, width=1.5).count_params() > 2 * build('compact_cnn', 64).count_params()
+
+
+@pytest.mark.parametrize('age_head', config_lib.AGE_HEADS)
+def test_split_heads_give_each_head_its_own_dense_layer(age_head):
+  model = build('tiny', 32, split_heads=True, dense_units=8, age_head=age_head, dropout=0.0)
+  names = [layer.name for layer in model.layers]
+  assert {'gender_dense', 'age_dense', 'gender_dropout', 'age_dropout'} <= set(names)
+  assert 'dense' not in names
+  images = pixels(4, 32)
+  before = model.predict(images, verbose=0)
+  # The age head's layer moves the age alone; the gender head's moves the gender alone.
+  kernel = model.get_layer('age_dense').kernel
+  kernel.assign(kernel + 1.0)
+  after = model.predict(images, verbose=0)
+  np.testing.assert_array_equal(after['gender_output'], before['gender_output'])
+  kernel = model.get_layer('gender_dense').kernel
+  kernel.assign(kernel + 1.0)
+  last = model.predict(images, verbose=0)
+  assert not np.array_equal(last['gender_output'], after['gender_output'])
+  np.testing.assert_array_equal(last['age_output'], after['age_output'])
+  if age_head == 'regression':  # Its age units start random (the distribution's start at zero).
+    assert not np.array_equal(after['age_output'], before['age_output'])
+
+
 @pytest.mark.parametrize('name', ['tiny', 'seed_cnn'])
 def test_outputs_are_two_named_heads(name):
   model = build(name, 64, filters=(4, 8, 8), dense_units=8, age_head='regression')
@@ -266,6 +300,10 @@ def test_imagenet_weights_that_cannot_be_downloaded_raise_weights_unavailable(mo
     (dict(model='tiny', image_size=16), 'image_size', 'at least 32'),
     (dict(model='tiny', dropout=1.0), 'dropout', r'in \[0, 1\)'),
     (dict(model='tiny', filters=(8, 0)), 'filters', 'must be positive'),
+    (dict(model='tiny', width=2.0), 'width', 'shapes compact_cnn, not tiny'),
+    (dict(model='seed_cnn', depth=2), 'depth', 'shapes compact_cnn, not seed_cnn'),
+    (dict(model='compact_cnn', width=0.0), 'width', 'positive'),
+    (dict(model='compact_cnn', depth=-1), 'depth', 'non-negative'),
 ])
 def test_bad_model_configurations_are_argument_errors_naming_the_field(fields, name, message):
   with pytest.raises(contract.ArgumentError, match=message) as error:

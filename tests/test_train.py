@@ -129,7 +129,8 @@ def test_a_finished_run_started_again_trains_no_more(trained_run):
   assert _epochs_in_history(trained_run['model_dir']) == list(range(4))
 
 
-@pytest.mark.parametrize('change', [{'filters': (8, 8, 8)}, {'age_head': 'other'}])
+@pytest.mark.parametrize('change', [{'filters': (8, 8, 8)}, {'age_head': 'other'},
+                                    {'width': 1.5}, {'depth': 2}, {'split_heads': True}])
 def test_resuming_with_another_model_is_a_configuration_error(trained_run, change):
   from agegender import contract  # pylint: disable=g-import-not-at-top
   from agegender.training import config as config_lib  # pylint: disable=g-import-not-at-top

@@ -95,6 +95,12 @@ class ModelConfig:
   filters: tuple[int, ...] = options.option((), 'Conv filters per block of seed_cnn and tiny '
                                     '(empty: 64,128,256; 16,32,64 for tiny).')
   dense_units: int = options.option(0, 'Units of the dense layer before the heads (0: 256; 32 for tiny).', lower=0)
+  width: float = options.option(1.0, 'compact_cnn: its convolutions\' filters times this, rounded '
+                                'to a multiple of 8 (1: 32 to 256).', above=0)
+  depth: int = options.option(1, 'compact_cnn: 3x3 convolutions at stride 1 after each of its '
+                              'last three stride-2 ones (1: seven convolutions in all).', lower=0)
+  split_heads: bool = options.option(False, 'Each head its own dense layer and dropout (off: one '
+                                     'shared by both).')
   dropout: float = options.option(0.25, 'Dropout before the heads.')
   batch_norm: bool = options.option(True, 'Batch normalization after each convolution of seed_cnn '
                             'and tiny (compact_cnn always has it).')
@@ -253,6 +259,10 @@ def check(config: Config) -> None:
       raise contract.ArgumentError('progressive_size', 'progressive_size '
                                    f'{config.data.progressive_size} trains the first epochs at '
                                    f'{epoch_image_size(config, 0)} pixels; 32 is the least')
+  for field, plain in (('width', 1.0), ('depth', 1)):
+    if getattr(config.model, field) != plain and config.model.model != 'compact_cnn':
+      raise contract.ArgumentError(field, f'{field} shapes compact_cnn, not {config.model.model} '
+                                   '(seed_cnn and tiny take --filters)')
   if config.model.weights != 'none' and config.model.model not in BACKBONES:
     raise contract.ArgumentError('weights', f'weights {config.model.weights} need a keras.applications '
                                  f'model, not {config.model.model}')

@@ -38,8 +38,21 @@ DEFAULT_FILTERS = {'tiny': (16, 32, 64)}
 SEED_FILTERS = (64, 128, 256)
 DEFAULT_DENSE_UNITS = {'tiny': 32}
 SEED_DENSE_UNITS = 256
-# compact_cnn: (filters, strides) of its 3x3 convolutions; every stride-2 layer halves the side.
-COMPACT_LAYERS = ((32, 2), (64, 2), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1))
+# compact_cnn's stages: each a stride-2 3x3 convolution (halving the side) of this many filters,
+# then, but for the first, `depth` at stride 1.
+COMPACT_STAGES = (32, 64, 128, 256)
+
+
+def compact_layers(width: float = 1.0, depth: int = 1) -> tuple[tuple[int, int], ...]:
+  """compact_cnn's (filters, strides), its filters times `width` (a multiple of 8, at least 8)."""
+  layers = []
+  for stage, count in enumerate(COMPACT_STAGES):
+    count = max(8, 8 * round(count * width / 8))
+    layers += [(count, 2)] + [(count, 1)] * (depth if stage else 0)
+  return tuple(layers)
+
+
+COMPACT_LAYERS = compact_layers()  # (32, 2), (64, 2), (64, 1), ... (256, 2), (256, 1)
 # Batch normalization's moving-statistics momentum: 0.9 lets them settle within a short run.
 BN_MOMENTUM = 0.9
 # The distribution head's outputs beside age_output, and its whole years 0..MAX_AGE.
@@ -142,20 +155,29 @@ def prior_logits(mean_age: float, age_std: float) -> np.ndarray:
   return (-np.square(years - mean_age) / (2 * max(age_std, 1.0) ** 2)).astype(np.float32)
 
 
-def _heads(features, dense_units: int, dropout: float, mean_age: float, age_std: float,
-           age_head: str) -> dict:
+def _hidden(features, dense_units: int, dropout: float, prefix: str = ''):
   x = keras.layers.Dense(dense_units, activation='relu', kernel_initializer='he_uniform',
-                         name='dense')(features)
-  x = keras.layers.Dropout(dropout, name='dropout')(x)
+                         name=f'{prefix}dense')(features)
+  return keras.layers.Dropout(dropout, name=f'{prefix}dropout')(x)
+
+
+def _heads(features, dense_units: int, dropout: float, mean_age: float, age_std: float,
+           age_head: str, split_heads: bool = False) -> dict:
+  if split_heads:
+    for_gender, for_age = (_hidden(features, dense_units, dropout, prefix)
+                           for prefix in ('gender_', 'age_'))
+  else:
+    for_gender = for_age = _hidden(features, dense_units, dropout)
   # float32 heads: the sigmoid and the age scale (0..120) stay exact under mixed precision.
-  gender = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name=contract.GENDER_OUTPUT)(x)
+  gender = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name=contract.GENDER_OUTPUT)(
+      for_gender)
   if age_head == 'distribution':
     logits = keras.layers.Dense(AGES, dtype='float32', kernel_initializer='zeros',
-                                name='age_logits')(x)
+                                name='age_logits')(for_age)
     distribution = keras.layers.Softmax(dtype='float32', name=AGE_DISTRIBUTION)(logits)
     return {contract.GENDER_OUTPUT: gender,
             **distribution_outputs(distribution, LOW_QUANTILE, HIGH_QUANTILE)}
-  age_units = keras.layers.Dense(1, dtype='float32', name='age_units')(x)
+  age_units = keras.layers.Dense(1, dtype='float32', name='age_units')(for_age)
   age = keras.layers.Rescaling(age_std, offset=mean_age, dtype='float32',
                                name=contract.AGE_OUTPUT)(age_units)
   return {contract.GENDER_OUTPUT: gender, contract.AGE_OUTPUT: age}
@@ -266,10 +288,10 @@ def _conv_net(pixels, filters, batch_norm: bool):
   return keras.layers.Flatten(name='flatten')(x)
 
 
-def _compact_net(pixels):
+def _compact_net(pixels, width: float, depth: int):
   # Strided convolutions and global pooling: deeper than seed_cnn at a quarter of its work.
   x = keras.layers.Rescaling(1.0 / 255.0, name='scale')(pixels)
-  for index, (count, stride) in enumerate(COMPACT_LAYERS):
+  for index, (count, stride) in enumerate(compact_layers(width, depth)):
     name = f'conv{index + 1}'
     x = keras.layers.Conv2D(count, 3, strides=stride, padding='same', use_bias=False,
                             kernel_initializer='he_uniform', name=name)(x)
@@ -323,12 +345,13 @@ def build_model(model: config_lib.ModelConfig, image_size: int, *, mean_age: flo
     if name in config_lib.BACKBONES:
       features = _backbone(name, pixels, model.weights)
     elif name == 'compact_cnn':
-      features = _compact_net(pixels)
+      features = _compact_net(pixels, model.width, model.depth)
     else:
       filters = model.filters or DEFAULT_FILTERS.get(name, SEED_FILTERS)
       features = _conv_net(pixels, filters, model.batch_norm)
     dense_units = model.dense_units or DEFAULT_DENSE_UNITS.get(name, SEED_DENSE_UNITS)
-    outputs = _heads(features, dense_units, model.dropout, mean_age, age_std, model.age_head)
+    outputs = _heads(features, dense_units, model.dropout, mean_age, age_std, model.age_head,
+                     model.split_heads)
     built = keras.Model(pixels, outputs, name=name)
   if model.age_head == 'distribution':
     # Zero weights and these biases: every face starts at the training split's ages.
