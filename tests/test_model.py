@@ -82,28 +82,6 @@ def test_compact_cnn_width_and_depth_scale_its_filters_and_stride_one_layers():
   assert build('compact_cnn', 64, width=1.5).count_params() > 2 * build('compact_cnn', 64).count_params()
 
 
-@pytest.mark.parametrize('age_head', config_lib.AGE_HEADS)
-def test_split_heads_give_each_head_its_own_dense_layer(age_head):
-  model = build('tiny', 32, split_heads=True, dense_units=8, age_head=age_head, dropout=0.0)
-  names = [layer.name for layer in model.layers]
-  assert {'gender_dense', 'age_dense', 'gender_dropout', 'age_dropout'} <= set(names)
-  assert 'dense' not in names
-  images = pixels(4, 32)
-  before = model.predict(images, verbose=0)
-  # The age head's layer moves the age alone; the gender head's moves the gender alone.
-  kernel = model.get_layer('age_dense').kernel
-  kernel.assign(kernel + 1.0)
-  after = model.predict(images, verbose=0)
-  np.testing.assert_array_equal(after['gender_output'], before['gender_output'])
-  kernel = model.get_layer('gender_dense').kernel
-  kernel.assign(kernel + 1.0)
-  last = model.predict(images, verbose=0)
-  assert not np.array_equal(last['gender_output'], after['gender_output'])
-  np.testing.assert_array_equal(last['age_output'], after['age_output'])
-  if age_head == 'regression':  # Its age units start random (the distribution's start at zero).
-    assert not np.array_equal(after['age_output'], before['age_output'])
-
-
 @pytest.mark.parametrize('name', ['tiny', 'seed_cnn'])
 def test_outputs_are_two_named_heads(name):
   model = build(name, 64, filters=(4, 8, 8), dense_units=8, age_head='regression')

@@ -99,8 +99,6 @@ class ModelConfig:
                                 'to a multiple of 8 (1: 32 to 256).', above=0)
   depth: int = options.option(1, 'compact_cnn: 3x3 convolutions at stride 1 after each of its '
                               'last three stride-2 ones (1: seven convolutions in all).', lower=0)
-  split_heads: bool = options.option(False, 'Each head its own dense layer and dropout (off: one '
-                                     'shared by both).')
   dropout: float = options.option(0.25, 'Dropout before the heads.')
   batch_norm: bool = options.option(True, 'Batch normalization after each convolution of seed_cnn '
                             'and tiny (compact_cnn always has it).')

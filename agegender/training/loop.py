@@ -61,12 +61,11 @@ def split_sizes(manifest: dict[str, Any]) -> dict[str, int]:
 
 
 # What a resumed run must share with the run whose state it loads: the weights' shapes.
-ARCHITECTURE = ('model', 'image_size', 'filters', 'dense_units', 'split_heads', 'width', 'depth',
-                'weights', 'batch_norm', 'age_head')
+ARCHITECTURE = ('model', 'image_size', 'filters', 'dense_units', 'width', 'depth', 'weights',
+                'batch_norm', 'age_head')
 # What a run saved before a field existed had: its config.json lacks the field.
 _BEFORE_FIELD = {'age_head': 'regression', 'augment_policy': 'flip_shift',
-                 'flip_average': False, 'progressive_size': 1.0, 'width': 1.0, 'depth': 1,
-                 'split_heads': False}
+                 'flip_average': False, 'progressive_size': 1.0, 'width': 1.0, 'depth': 1}
 
 
 def _check_same_model(config: config_lib.Config, model_dir: str) -> None:

@@ -155,29 +155,20 @@ def prior_logits(mean_age: float, age_std: float) -> np.ndarray:
   return (-np.square(years - mean_age) / (2 * max(age_std, 1.0) ** 2)).astype(np.float32)
 
 
-def _hidden(features, dense_units: int, dropout: float, prefix: str = ''):
-  x = keras.layers.Dense(dense_units, activation='relu', kernel_initializer='he_uniform',
-                         name=f'{prefix}dense')(features)
-  return keras.layers.Dropout(dropout, name=f'{prefix}dropout')(x)
-
-
 def _heads(features, dense_units: int, dropout: float, mean_age: float, age_std: float,
-           age_head: str, split_heads: bool = False) -> dict:
-  if split_heads:
-    for_gender, for_age = (_hidden(features, dense_units, dropout, prefix)
-                           for prefix in ('gender_', 'age_'))
-  else:
-    for_gender = for_age = _hidden(features, dense_units, dropout)
+           age_head: str) -> dict:
+  x = keras.layers.Dense(dense_units, activation='relu', kernel_initializer='he_uniform',
+                         name='dense')(features)
+  x = keras.layers.Dropout(dropout, name='dropout')(x)
   # float32 heads: the sigmoid and the age scale (0..120) stay exact under mixed precision.
-  gender = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name=contract.GENDER_OUTPUT)(
-      for_gender)
+  gender = keras.layers.Dense(1, activation='sigmoid', dtype='float32', name=contract.GENDER_OUTPUT)(x)
   if age_head == 'distribution':
     logits = keras.layers.Dense(AGES, dtype='float32', kernel_initializer='zeros',
-                                name='age_logits')(for_age)
+                                name='age_logits')(x)
     distribution = keras.layers.Softmax(dtype='float32', name=AGE_DISTRIBUTION)(logits)
     return {contract.GENDER_OUTPUT: gender,
             **distribution_outputs(distribution, LOW_QUANTILE, HIGH_QUANTILE)}
-  age_units = keras.layers.Dense(1, dtype='float32', name='age_units')(for_age)
+  age_units = keras.layers.Dense(1, dtype='float32', name='age_units')(x)
   age = keras.layers.Rescaling(age_std, offset=mean_age, dtype='float32',
                                name=contract.AGE_OUTPUT)(age_units)
   return {contract.GENDER_OUTPUT: gender, contract.AGE_OUTPUT: age}
@@ -350,8 +341,7 @@ def build_model(model: config_lib.ModelConfig, image_size: int, *, mean_age: flo
       filters = model.filters or DEFAULT_FILTERS.get(name, SEED_FILTERS)
       features = _conv_net(pixels, filters, model.batch_norm)
     dense_units = model.dense_units or DEFAULT_DENSE_UNITS.get(name, SEED_DENSE_UNITS)
-    outputs = _heads(features, dense_units, model.dropout, mean_age, age_std, model.age_head,
-                     model.split_heads)
+    outputs = _heads(features, dense_units, model.dropout, mean_age, age_std, model.age_head)
     built = keras.Model(pixels, outputs, name=name)
   if model.age_head == 'distribution':
     # Zero weights and these biases: every face starts at the training split's ages.
