@@ -59,7 +59,9 @@ def test_default_seed_cnn_normalizes_each_convolution_in_batches():
 def test_compact_cnn_is_seven_normalized_convolutions_then_global_pooling():
   small, large = build('compact_cnn', 64), build('compact_cnn', 128)
   convs = [layer for layer in small.layers if isinstance(layer, keras.layers.Conv2D)]
-  assert [(conv.filters, conv.strides[0]) for conv in convs] == list(model_lib.COMPACT_LAYERS)
+  # The default width, 0.75.
+  assert [(conv.filters, conv.strides[0]) for conv in convs] == [
+      (24, 2), (48, 2), (48, 1), (96, 2), (96, 1), (192, 2), (192, 1)]
   assert not any(conv.use_bias for conv in convs)
   norms = [layer for layer in small.layers if isinstance(layer, keras.layers.BatchNormalization)]
   assert len(norms) == len(convs)
@@ -78,8 +80,10 @@ def test_compact_cnn_width_and_depth_scale_its_filters_and_stride_one_layers():
   assert submodel(narrow_deep, f'conv{len(convs)}_relu').output.shape[1:] == (4, 4, 128)
   # Rounded to multiples of 8; depth 0 leaves the four strided layers.
   assert model_lib.compact_layers(1.3, 0) == ((40, 2), (80, 2), (168, 2), (336, 2))
-  assert model_lib.compact_layers() == model_lib.COMPACT_LAYERS
-  assert build('compact_cnn', 64, width=1.5).count_params() > 2 * build('compact_cnn', 64).count_params()
+  assert model_lib.compact_layers(1.0, 1) == (
+      (32, 2), (64, 2), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1))
+  assert build('compact_cnn', 64, width=1.5).count_params() > (
+      2 * build('compact_cnn', 64, width=1.0).count_params())
 
 
 @pytest.mark.parametrize('name', ['tiny', 'seed_cnn'])

@@ -95,8 +95,8 @@ class ModelConfig:
   filters: tuple[int, ...] = options.option((), 'Conv filters per block of seed_cnn and tiny '
                                     '(empty: 64,128,256; 16,32,64 for tiny).')
   dense_units: int = options.option(0, 'Units of the dense layer before the heads (0: 256; 32 for tiny).', lower=0)
-  width: float = options.option(1.0, 'compact_cnn: its convolutions\' filters times this, rounded '
-                                'to a multiple of 8 (1: 32 to 256).', above=0)
+  width: float = options.option(0.75, 'compact_cnn: its convolutions\' filters, 32 to 256 times '
+                                'this, rounded to a multiple of 8 (0.75: 24 to 192).', above=0)
   depth: int = options.option(1, 'compact_cnn: 3x3 convolutions at stride 1 after each of its '
                               'last three stride-2 ones (1: seven convolutions in all).', lower=0)
   dropout: float = options.option(0.25, 'Dropout before the heads.')
@@ -257,8 +257,9 @@ def check(config: Config) -> None:
       raise contract.ArgumentError('progressive_size', 'progressive_size '
                                    f'{config.data.progressive_size} trains the first epochs at '
                                    f'{epoch_image_size(config, 0)} pixels; 32 is the least')
-  for field, plain in (('width', 1.0), ('depth', 1)):
-    if getattr(config.model, field) != plain and config.model.model != 'compact_cnn':
+  for field in ('width', 'depth'):
+    if (getattr(config.model, field) != getattr(ModelConfig(), field)
+        and config.model.model != 'compact_cnn'):
       raise contract.ArgumentError(field, f'{field} shapes compact_cnn, not {config.model.model} '
                                    '(seed_cnn and tiny take --filters)')
   if config.model.weights != 'none' and config.model.model not in BACKBONES:

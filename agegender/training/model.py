@@ -38,12 +38,12 @@ DEFAULT_FILTERS = {'tiny': (16, 32, 64)}
 SEED_FILTERS = (64, 128, 256)
 DEFAULT_DENSE_UNITS = {'tiny': 32}
 SEED_DENSE_UNITS = 256
-# compact_cnn's stages: each a stride-2 3x3 convolution (halving the side) of this many filters,
-# then, but for the first, `depth` at stride 1.
+# compact_cnn's stages: each a stride-2 3x3 convolution (halving the side) of this many filters
+# times ModelConfig.width, then, but for the first, ModelConfig.depth at stride 1.
 COMPACT_STAGES = (32, 64, 128, 256)
 
 
-def compact_layers(width: float = 1.0, depth: int = 1) -> tuple[tuple[int, int], ...]:
+def compact_layers(width: float, depth: int) -> tuple[tuple[int, int], ...]:
   """compact_cnn's (filters, strides), its filters times `width` (a multiple of 8, at least 8)."""
   layers = []
   for stage, count in enumerate(COMPACT_STAGES):
@@ -51,8 +51,6 @@ def compact_layers(width: float = 1.0, depth: int = 1) -> tuple[tuple[int, int],
     layers += [(count, 2)] + [(count, 1)] * (depth if stage else 0)
   return tuple(layers)
 
-
-COMPACT_LAYERS = compact_layers()  # (32, 2), (64, 2), (64, 1), ... (256, 2), (256, 1)
 # Batch normalization's moving-statistics momentum: 0.9 lets them settle within a short run.
 BN_MOMENTUM = 0.9
 # The distribution head's outputs beside age_output, and its whole years 0..MAX_AGE.
