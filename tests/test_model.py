@@ -283,7 +283,8 @@ def test_imagenet_weights_that_cannot_be_downloaded_raise_weights_unavailable(mo
     (dict(model='tiny', dropout=1.0), 'dropout', r'in \[0, 1\)'),
     (dict(model='tiny', filters=(8, 0)), 'filters', 'must be positive'),
     (dict(model='tiny', width=2.0), 'width', 'shapes compact_cnn, not tiny'),
-    (dict(model='seed_cnn', depth=2), 'depth', 'shapes compact_cnn, not seed_cnn'),
+    (dict(model='seed_cnn', depth=2), 'depth', r'shapes compact_cnn, not seed_cnn \(it takes --filters\)'),
+    (dict(model='resnet50', width=1.0), 'width', r'not resnet50 \(its layers are fixed\)'),
     (dict(model='compact_cnn', width=0.0), 'width', 'positive'),
     (dict(model='compact_cnn', depth=-1), 'depth', 'non-negative'),
 ])

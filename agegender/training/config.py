@@ -260,8 +260,10 @@ def check(config: Config) -> None:
   for field in ('width', 'depth'):
     if (getattr(config.model, field) != getattr(ModelConfig(), field)
         and config.model.model != 'compact_cnn'):
+      other = ('its layers are fixed' if config.model.model in BACKBONES else
+               'it takes --filters')
       raise contract.ArgumentError(field, f'{field} shapes compact_cnn, not {config.model.model} '
-                                   '(seed_cnn and tiny take --filters)')
+                                   f'({other})')
   if config.model.weights != 'none' and config.model.model not in BACKBONES:
     raise contract.ArgumentError('weights', f'weights {config.model.weights} need a keras.applications '
                                  f'model, not {config.model.model}')
