@@ -23,7 +23,8 @@ false faces. The scenes and detections are made once; each --model_dir's model t
 training's images) on (a) the original crops as the pipeline decodes them, (b) the degraded
 crops, unpasted (the condition alone), (c) the aligned recrops of the found faces (the
 condition, the reframing and the detector together); age MAE and gender accuracy, over the
-found faces, overall, per condition and for children (< 13) and the rest. Targets of the
+found faces, overall, per condition, for children (< 13) and the rest, and by pasted side (four
+bands: how much small faces lose). Targets of the
 issue: >= 98% found, <= 0.19 false faces a scene, recrop age MAE within 0.5 years of the
 original crops'. UTKFace: non-commercial research use only.
 """
@@ -227,7 +228,8 @@ def measure(model_dir: str, records, made: dict) -> dict:
   groups = {'all': np.ones(len(records), bool),
             **{name: conditions == name for name in CONDITIONS},
             f'age < {CHILD}': np.array([age < CHILD for _, age, _ in records]),
-            f'age >= {CHILD}': np.array([age >= CHILD for _, age, _ in records])}
+            f'age >= {CHILD}': np.array([age >= CHILD for _, age, _ in records]),
+            **{f'side {span}': members for span, members in side_bands(made['sides']).items()}}
   rows = {}
   for group, members in groups.items():
     keep = members[found]
@@ -239,6 +241,13 @@ def measure(model_dir: str, records, made: dict) -> dict:
     rows[group] = row
   return {'model': os.path.abspath(export.keras_model_path(model_dir)), 'image_size': size,
           'rows': rows}
+
+
+def side_bands(sides: np.ndarray) -> dict[str, np.ndarray]:
+  """The pasted faces in four bands of side, 'low-high' (pixels) -> which faces."""
+  edges = np.linspace(FLAGS.min_side, FLAGS.max_side + 1, 5).round().astype(int)
+  return {f'{low}-{high - 1}': (sides >= low) & (sides < high)
+          for low, high in zip(edges[:-1], edges[1:], strict=True)}
 
 
 def print_table(result: dict) -> None:
@@ -260,11 +269,8 @@ def main(argv):
   made = make_scenes(records, np.random.default_rng(FLAGS.seed))
   detection_seconds = time.time() - started
   found = len(made['recrops'])
-  edges = np.linspace(FLAGS.min_side, FLAGS.max_side + 1, 5).round().astype(int)
-  by_side = {f'{low}-{high - 1}': float(np.mean([i in made['recrops'] for i in
-                                                 np.flatnonzero((made['sides'] >= low) &
-                                                                (made['sides'] < high))]))
-             for low, high in zip(edges[:-1], edges[1:], strict=True)}
+  by_side = {span: float(np.mean([i in made['recrops'] for i in np.flatnonzero(members)]))
+             for span, members in side_bands(made['sides']).items()}
   figures = {
       'faces': len(records), 'scenes': made['scenes'], 'found': found,
       'found_share': found / len(records), 'false_faces_per_scene': made['false'] / made['scenes'],
