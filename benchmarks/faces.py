@@ -24,9 +24,9 @@ training's images) on (a) the original crops as the pipeline decodes them, (b) t
 crops, unpasted (the condition alone), (c) the aligned recrops of the found faces (the
 condition, the reframing and the detector together); age MAE and gender accuracy, over the
 found faces, overall, per condition, for children (< 13) and the rest, and by pasted side (four
-bands: how much small faces lose). Targets of the
-issue: >= 98% found, <= 0.19 false faces a scene, recrop age MAE within 0.5 years of the
-original crops'. UTKFace: non-commercial research use only.
+bands: how much small faces lose). Targets of the issue: >= 98% found, <= 0.19 false faces a
+scene, recrop age MAE within 0.5 years of the original crops'. UTKFace: non-commercial research
+use only.
 """
 
 from __future__ import annotations
