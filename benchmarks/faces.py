@@ -5,7 +5,8 @@
 
 Takes --faces crops of the records' test split (their source JPEG bytes and labels, as
 make_records stored them; the split follows from each image's content hash, so neither training
-nor the eye calibration saw them) and pastes them 1 to 3 a scene into generated 640x480 scenes
+nor the eye calibration saw them; --split=train builds scenes for the detector's figures from
+crops no test uses) and pastes them 1 to 3 a scene into generated 640x480 scenes
 (blurred noise, gradients, stripes, checks) at random sides (--min_side..--max_side) and turns
 (up to --max_rotation degrees either way), each with reflected surroundings (MARGIN of its side
 each way, fading into the scene: bare, the scene would show at the recrop's edges). Each face
@@ -57,7 +58,9 @@ flags.DEFINE_string('records_dir', 'records', 'Records written by agegender.make
                     'UTKFace, with source JPEG bytes.')
 flags.DEFINE_list('model_dir', None, 'The runs whose model.keras predict (one or several; the '
                   'scenes and detections are shared).', required=True)
-flags.DEFINE_integer('faces', 1000, 'Test-split crops to paste.')
+flags.DEFINE_integer('faces', 1000, 'Crops of --split to paste.')
+flags.DEFINE_enum('split', 'test', ['train', 'validation', 'test'], 'The split whose crops are '
+                  'pasted (models are scored on test; train: scenes for the detector alone).')
 flags.DEFINE_integer('min_side', 60, 'Smallest side of a pasted crop, in scene pixels.')
 flags.DEFINE_integer('max_side', 320, 'Largest side of a pasted crop.')
 flags.DEFINE_float('max_rotation', 20.0, 'Pasted crops turn up to this many degrees either way.')
@@ -73,11 +76,11 @@ MARGIN = 0.2
 CONDITIONS = {'colour': 0.4, 'grey': 0.15, 'faded': 0.15, 'blurred': 0.15, 'jpeg': 0.15}
 
 
-def test_crops(records_dir: str, count: int) -> list[tuple[bytes, int, int]]:
-  """(encoded JPEG, age, gender) of the first `count` records of the test split."""
+def split_crops(records_dir: str, count: int, split: str = 'test') -> list[tuple[bytes, int, int]]:
+  """(encoded JPEG, age, gender) of the first `count` records of a split."""
   manifest = contract.read_manifest(records_dir)
   spec = contract.feature_spec()
-  dataset = tf.data.TFRecordDataset(contract.split_shards(manifest, 'test')).take(count)
+  dataset = tf.data.TFRecordDataset(contract.split_shards(manifest, split)).take(count)
   rows = []
   for serialized in dataset:
     example = tf.io.parse_single_example(serialized, spec)
@@ -265,7 +268,7 @@ def print_table(result: dict) -> None:
 def main(argv):
   del argv
   started = time.time()
-  records = test_crops(FLAGS.records_dir, FLAGS.faces)
+  records = split_crops(FLAGS.records_dir, FLAGS.faces, FLAGS.split)
   made = make_scenes(records, np.random.default_rng(FLAGS.seed))
   detection_seconds = time.time() - started
   found = len(made['recrops'])
@@ -279,9 +282,9 @@ def main(argv):
       'max_rotation': FLAGS.max_rotation, 'conditions': CONDITIONS, 'seed': FLAGS.seed,
       'match_iou': MATCH_IOU, 'score_threshold': faces.SCORE_THRESHOLD,
       'machine': machine.describe_cpu(), 'detection_seconds': round(detection_seconds, 1),
-      'note': 'UTKFace test-split crops: non-commercial research use only'}
-  print(f'{len(records)} UTKFace test-split crops in {made["scenes"]} scenes of {WIDTH}x{HEIGHT}'
-        f' (sides {FLAGS.min_side}-{FLAGS.max_side}, turned up to {FLAGS.max_rotation:g} degrees, '
+      'split': FLAGS.split, 'note': 'UTKFace crops: non-commercial research use only'}
+  print(f'{len(records)} UTKFace {FLAGS.split}-split crops in {made["scenes"]} scenes of '
+        f'{WIDTH}x{HEIGHT} (sides {FLAGS.min_side}-{FLAGS.max_side}, turned up to {FLAGS.max_rotation:g} degrees, '
         f'seed {FLAGS.seed}; conditions ' + ', '.join(f'{name} {share:.0%}' for name, share in
                                                        CONDITIONS.items()) + ')')
   print(f'found {found} ({100 * figures["found_share"]:.1f}%), false faces a scene '
