@@ -27,9 +27,10 @@ MISSING_OPENCV = "finding faces needs OpenCV: pip install -e '.[faces]'"
 MODEL_FILE = 'yunet_s_640_640.onnx'
 
 # benchmarks/face_crop_calibration.py (scenes): 21 training-split faces pasted into 5 scenes,
-# some turned 15-90 degrees, some 24-64 px: 0.7 finds 20-21 with no false face, and no false face
-# in 16 faceless scikit-image photos, where 0.6 finds 2 and 0.5 finds 7. 0.9, OpenCV's usual,
-# misses a third: turned and small faces.
+# some turned 15-90 degrees, some 24-64 px: 0.7 finds 20-21 with no false face (--every=2), 17-20
+# with 0-3 false over five other draws of faces (--every=50, seeds 0-4), and no false face in 16
+# faceless scikit-image photos, where 0.6 finds 2 and 0.5 finds 6-7. 0.9, OpenCV's usual, misses
+# a third: turned and small faces.
 SCORE_THRESHOLD = 0.7
 # Boxes under this side (photo px) are dropped; YuNet finds faces down to about 10 px.
 MIN_FACE = 10
