@@ -122,7 +122,7 @@ def test_similarity_and_crop_corners_agree():
 
 
 def test_a_turned_face_is_found_and_aligned_level(crop):
-  for angle in (30, -90):
+  for angle in (30, 45, -50, -90):  # 45 and 50: half-turned for every right-angle search.
     scene = canvas(480, 480, seed=angle % 7)
     truth = paste(scene, crop, 200, angle, (240, 240))
     found = faces.face_crops(scene)
@@ -144,6 +144,23 @@ def test_turned_detections_map_back_exactly(astronaut):
   assert len(found) == 1
   expected = np.stack([upright[:, 1], astronaut.shape[1] - 1 - upright[:, 0]], axis=1)
   np.testing.assert_allclose(eyes_of(found[0]), expected, atol=2)
+
+
+@pytest.mark.parametrize('angle', [45, -45])
+def test_diagonal_detections_map_back_exactly(astronaut, angle):
+  upright = eyes_of(faces.detect(astronaut)[0])
+  height, width = astronaut.shape[:2]
+  side = int(np.ceil((width + height) / np.sqrt(2)))
+  matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), angle, 1.0)
+  matrix[:, 2] += (side - width) / 2, (side - height) / 2
+  turned = cv2.warpAffine(astronaut, matrix, (side, side), borderMode=cv2.BORDER_REPLICATE)
+  # Only the search that turns it back upright: the face must come from the diagonal path.
+  found = faces.detect(turned, turns=(-angle % 360,))
+  assert len(found) == 1
+  np.testing.assert_allclose(eyes_of(found[0]), upright @ matrix[:, :2].T + matrix[:, 2], atol=3)
+  left, top, box_width, box_height = found[0].box
+  assert np.hypot(*(np.array([left + box_width / 2, top + box_height / 2]) -
+                    eyes_of(found[0]).mean(axis=0))) < box_width / 2  # Around the face.
 
 
 def test_subject_crop_frames_a_photo_as_utkface_crops_are(astronaut):
@@ -200,7 +217,7 @@ def test_bad_pixels_raise_value_error(pixels):
 
 def test_bad_settings_raise_value_error():
   pixels = np.zeros([50, 50, 3], np.uint8)
-  for settings in ({'score_threshold': 1.5}, {'min_face': -1}, {'max_side': 8}, {'turns': (45,)}):
+  for settings in ({'score_threshold': 1.5}, {'min_face': -1}, {'max_side': 8}, {'turns': (30,)}):
     with pytest.raises(ValueError):
       faces.detect(pixels, **settings)
   with pytest.raises(ValueError):
