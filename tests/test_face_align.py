@@ -157,7 +157,10 @@ def test_diagonal_detections_map_back_exactly(astronaut, angle):
   # Only the search that turns it back upright: the face must come from the diagonal path.
   found = faces.detect(turned, turns=(-angle % 360,))
   assert len(found) == 1
-  np.testing.assert_allclose(eyes_of(found[0]), upright @ matrix[:, :2].T + matrix[:, 2], atol=3)
+  # Found at TILTED_SCALE of the pixels, so its eyes are rougher (refine() redoes them upright).
+  distance = np.hypot(*(upright[1] - upright[0]))
+  np.testing.assert_allclose(eyes_of(found[0]), upright @ matrix[:, :2].T + matrix[:, 2],
+                             atol=0.2 * distance)
   left, top, box_width, box_height = found[0].box
   assert np.hypot(*(np.array([left + box_width / 2, top + box_height / 2]) -
                     eyes_of(found[0]).mean(axis=0))) < box_width / 2  # Around the face.

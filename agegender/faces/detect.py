@@ -44,12 +44,16 @@ TOP_K = 5000
 # Searched by default, in degrees counter-clockwise: YuNet finds faces turned up to about 45
 # degrees; turned more it still finds some but puts their eyes where an upright face's would be.
 # Without the diagonals a face near 45 degrees is half-turned for every search and missed (five
-# draws of the calibration's scenes: 17-20 of 21 found, 0-3 false at 0.7; with them 19-21, none
-# false). A diagonal search turns the photo on a canvas that holds all of it: (W + H) / sqrt 2 a
-# side, about twice a 4:3 photo's pixels.
+# draws of the calibration's scenes: 17-20 of 21 found, 0-3 false at 0.7; with them 19-21, 0-1
+# false). A diagonal search turns the photo on a canvas that holds all of it, at TILTED_SCALE:
+# (W + H) / (2 sqrt 2) a side, about half a 4:3 photo's pixels (at full scale, twice: 19-21
+# found, none false, for about twice the time).
 TURNS = (0, 90, 270, 45, 315)
 # The turns detect() accepts: right angles turn exactly (cv2.rotate), the others are resampled.
 ALL_TURNS = (0, 45, 90, 135, 180, 225, 270, 315)
+# The other turns' canvas is searched at this scale of the photo's (detection's) pixels: faces
+# turned 45 degrees and under about 40 px are left to the right-angle searches.
+TILTED_SCALE = 0.5
 # A face found only in a turned search needs this much more confidence: turned searches see
 # stripes and textures as faces (a striped test scene scored 0.75 turned, nothing upright).
 TURNED_MARGIN = 0.1
@@ -223,8 +227,8 @@ def _tilted(image: np.ndarray, turn: int) -> tuple[np.ndarray, np.ndarray]:
   (edges repeated past it), and the 2x3 matrix from the canvas's pixels back to the image's."""
   cv2 = _cv2()
   height, width = image.shape[:2]
-  side = int(np.ceil((width + height) / np.sqrt(2)))  # Enough for any turn.
-  matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), turn, 1.0)
+  side = int(np.ceil((width + height) / np.sqrt(2) * TILTED_SCALE))  # Enough for any turn.
+  matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), turn, TILTED_SCALE)
   matrix[:, 2] += (side - width) / 2, (side - height) / 2
   turned = cv2.warpAffine(image, matrix, (side, side), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REPLICATE)
@@ -236,7 +240,8 @@ def _untilt(row: np.ndarray, back: np.ndarray) -> np.ndarray:
   the box as large as found, about its centre mapped back (the face is upright in neither)."""
   points = np.vstack([row[0:2] + row[2:4] / 2, row[4:14].reshape(5, 2)]) @ back[:, :2].T + (
       back[:, 2])
-  return np.concatenate([points[0] - row[2:4] / 2, row[2:4], points[1:].ravel(), row[14:15]])
+  size = row[2:4] * np.hypot(*back[:, 0])
+  return np.concatenate([points[0] - size / 2, size, points[1:].ravel(), row[14:15]])
 
 
 def _suppress(rows: list[np.ndarray]) -> list[np.ndarray]:
