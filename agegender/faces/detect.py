@@ -52,7 +52,7 @@ TURNS = (0, 90, 270, 45, 315)
 # The turns detect() accepts: right angles turn exactly (cv2.rotate), the others are resampled.
 ALL_TURNS = (0, 45, 90, 135, 180, 225, 270, 315)
 # The other turns' canvas is searched at this scale of the photo's (detection's) pixels: faces
-# turned 45 degrees and under about 40 px are left to the right-angle searches.
+# turned near 45 degrees are searched at half their size there.
 TILTED_SCALE = 0.5
 # A face found only in a turned search needs this much more confidence: turned searches see
 # stripes and textures as faces (a striped test scene scored 0.75 turned, nothing upright).
