@@ -180,16 +180,16 @@ def detect(pixels, score_threshold: float = SCORE_THRESHOLD, min_face: float = M
   rows = []
   for turn in dict.fromkeys(turns):
     if turn % 90:
-      turned, back = _tilted(bgr, turn)
+      turned, untilt = _tilted(bgr, turn)
     else:
-      turned, back = (cv2.rotate(bgr, rotations[turn]) if turn else bgr), None
+      turned, untilt = (cv2.rotate(bgr, rotations[turn]) if turn else bgr), None
     detector.setInputSize((turned.shape[1], turned.shape[0]))
     _, found = detector.detect(turned)
     least = min(1.0, score_threshold + TURNED_MARGIN) if turn else score_threshold
     for row in np.reshape(found, (-1, 15)) if found is not None else ():
       # Said to come back NaN on blank images: no face there.
       if np.all(np.isfinite(row)) and row[14] >= least:
-        rows.append(_untilt(row, back) if turn % 90 else
+        rows.append(_untilt(row, untilt) if turn % 90 else
                     _unturn(row, turn, bgr.shape[1], bgr.shape[0]))
   # Shrinking maps pixel centres x to (x + 0.5) * size / width - 0.5, per axis.
   back = np.array([width / bgr.shape[1], height / bgr.shape[0]])
@@ -237,7 +237,8 @@ def _tilted(image: np.ndarray, turn: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _untilt(row: np.ndarray, back: np.ndarray) -> np.ndarray:
   """A detection row found on a _tilted canvas, in the image's pixels: the landmarks exactly,
-  the box as large as found, about its centre mapped back (the face is upright in neither)."""
+  the box upright about its centre mapped back, its size scaled back (the face is upright in
+  neither)."""
   points = np.vstack([row[0:2] + row[2:4] / 2, row[4:14].reshape(5, 2)]) @ back[:, :2].T + (
       back[:, 2])
   size = row[2:4] * np.hypot(*back[:, 0])
